@@ -1,0 +1,1 @@
+"""The SageMaker PyTorch training entrypoint (``train.py``) and what it is made of."""
