@@ -1,0 +1,199 @@
+"""Finding, decoding, caching and splitting the training images.
+
+Each image is decoded and resized once (shared preprocessing, step 1) into a ``uint8`` tensor
+cache; every epoch then augments those tensors in batches, on the training device. Re-decoding
+JPEGs every epoch, as a torchvision ImageFolder pipeline does, is what made CPU training slow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from shared.dataset import DatasetLayoutError, Layout, patient_key, scan_channel
+from shared.imaging import FILE_EXTENSIONS, ImageError, decode_image
+from shared.labels import CLASS_NAMES
+from shared.preprocessing import PreprocessSpec, to_model_pixels
+
+
+@dataclass
+class Split:
+    """Decoded images of one split: ``pixels`` N x H x W uint8, ``labels`` N int64."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    relpaths: list[str]
+    patients: list[str]
+    digests: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.relpaths)
+
+    def subset(self, idx) -> Split:
+        idx = list(int(i) for i in idx)
+        t = torch.as_tensor(idx, dtype=torch.long)
+        return Split(self.pixels[t], self.labels[t], [self.relpaths[i] for i in idx],
+                     [self.patients[i] for i in idx], [self.digests[i] for i in idx])
+
+    def class_counts(self) -> dict[str, int]:
+        counts = torch.bincount(self.labels, minlength=len(CLASS_NAMES)).tolist()
+        return dict(zip(CLASS_NAMES, counts))
+
+
+def discover(channel_dir: str | Path, split: str) -> Layout:
+    """Layout of a channel folder; raises :class:`DatasetLayoutError` naming what is missing."""
+    layout = scan_channel(channel_dir, split)
+    if split not in layout.files:
+        raise DatasetLayoutError(
+            f"channel '{split}' at {channel_dir} has no NORMAL/ and PNEUMONIA/ class folders"
+            + (f" (found: {', '.join(k.split('/', 1)[1] for k in layout.ignored_classes)})" if layout.ignored_classes else "")
+        )
+    for cls in CLASS_NAMES:
+        if not layout.files[split][cls]:
+            raise DatasetLayoutError(f"class {cls} in channel '{split}' has no images ({channel_dir}/{cls}/ is missing or empty)")
+    return layout
+
+
+def _decode_one(path: Path, spec: PreprocessSpec) -> tuple[np.ndarray | None, str, str]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return None, "", f"cannot read: {exc.strerror or exc}"
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        decoded = decode_image(data, FILE_EXTENSIONS.get(path.suffix.lower()))
+    except ImageError as exc:
+        return None, digest, exc.message
+    return to_model_pixels(decoded.image, spec), digest, ""
+
+
+def load_split(channel_dir: str | Path, layout: Layout, split: str, spec: PreprocessSpec, workers: int = 4,
+               limit_per_class: int | None = None, progress=None) -> Split:
+    """Decode every image of ``split`` once; unreadable files are skipped and listed with a reason."""
+    root = Path(channel_dir)
+    items: list[tuple[str, int]] = []
+    for label, cls in enumerate(CLASS_NAMES):
+        rels = layout.files[split][cls]
+        if limit_per_class:
+            rels = rels[:limit_per_class]
+        items += [(r, label) for r in rels]
+    paths = [root / r.split("/", 1)[1] for r, _ in items]
+    pixels, labels, rels, patients, digests, skipped = [], [], [], [], [], []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(lambda p: _decode_one(p, spec), paths)
+        if progress is not None:
+            results = progress(results, total=len(paths), desc=f"decode {split}", unit="img")
+        for (rel, label), (arr, digest, reason) in zip(items, results):
+            if arr is None:
+                skipped.append((rel, reason))
+                continue
+            pixels.append(arr)
+            labels.append(label)
+            rels.append(rel)
+            patients.append(patient_key(rel))
+            digests.append(digest)
+    got = set(labels)
+    for label, cls in enumerate(CLASS_NAMES):
+        if label not in got:
+            bad = sum(1 for r, _ in skipped if r.split("/")[1].upper() == cls)
+            raise DatasetLayoutError(f"class {cls} in '{split}' has no readable images ({bad} unreadable)")
+    stack = torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros((0, spec.size, spec.size), dtype=torch.uint8)
+    return Split(stack, torch.as_tensor(labels, dtype=torch.long), rels, patients, digests, skipped)
+
+
+def group_ids(patients: list[str], digests: list[str]) -> np.ndarray:
+    """One id per connected group: images of one patient, and byte-identical files, stay together."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for pat, dig in zip(patients, digests):
+        a, b = find("p:" + pat), find("h:" + dig)
+        if a != b:
+            parent[b] = a
+    roots = [find("p:" + p) for p in patients]
+    index = {r: i for i, r in enumerate(dict.fromkeys(roots))}
+    return np.asarray([index[r] for r in roots])
+
+
+def grouped_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, held-out) indices: stratified by class, grouped by patient/duplicate group."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if not 0.0 < fraction < 0.5:
+        raise ValueError(f"a held-out fraction must be between 0 and 0.5, got {fraction}")
+    n_splits = max(2, int(round(1.0 / fraction)))
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    keep, held = next(sgkf.split(np.zeros(len(labels)), labels, groups))
+    return np.sort(keep), np.sort(held)
+
+
+# ---- augmentation on cached uint8 tensors -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Random geometric and photometric changes a radiograph plausibly shows.
+
+    Applied per sample, batched on the training device: an affine warp (rotation, scale,
+    translation), brightness/contrast/gamma jitter and Gaussian noise; horizontal flips only when
+    asked (anatomy is not left-right symmetric).
+    """
+
+    rotate_deg: float = 10.0
+    scale: float = 0.10
+    translate: float = 0.06
+    brightness: float = 0.15
+    contrast: float = 0.15
+    gamma: float = 0.15
+    noise: float = 0.02
+    hflip: bool = False
+
+    @classmethod
+    def preset(cls, name: str) -> Augment | None:
+        presets = {
+            "none": None,
+            "light": cls(rotate_deg=5, scale=0.05, translate=0.03, brightness=0.1, contrast=0.1, gamma=0.0, noise=0.0),
+            "medium": cls(),
+            "strong": cls(rotate_deg=15, scale=0.15, translate=0.10, brightness=0.25, contrast=0.25, gamma=0.25, noise=0.03),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown augmentation {name!r}; choose one of {', '.join(presets)}")
+        return presets[name]
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``x``: N x 1 x H x W float in 0..255 -> same shape, augmented, still 0..255."""
+        n, dev = x.shape[0], x.device
+
+        def u(lo: float, hi: float) -> torch.Tensor:
+            return torch.rand(n, generator=generator).mul(hi - lo).add(lo).to(dev)
+
+        ang = u(-self.rotate_deg, self.rotate_deg) * (math.pi / 180)
+        s = u(1 - self.scale, 1 + self.scale)
+        tx, ty = u(-self.translate, self.translate) * 2, u(-self.translate, self.translate) * 2
+        cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
+        flip = (torch.rand(n, generator=generator).to(dev) < 0.5).float() * 2 - 1 if self.hflip else torch.ones(n, device=dev)
+        theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        x = x / 255.0
+        if self.gamma > 0:
+            x = x.clamp_min(0).pow(torch.exp(u(-self.gamma, self.gamma)).view(n, 1, 1, 1))
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * (1 + u(-self.contrast, self.contrast)).view(n, 1, 1, 1) + mean
+        x = x + u(-self.brightness, self.brightness).view(n, 1, 1, 1) * 0.5
+        if self.noise > 0:
+            x = x + torch.randn(x.shape, generator=generator).to(dev) * self.noise
+        return x.clamp(0, 1) * 255.0

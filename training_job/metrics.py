@@ -1,0 +1,98 @@
+"""Classification metrics, the decision threshold and the softmax temperature, all chosen on
+validation data. Figures come from scikit-learn; nothing here looks at a test split."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, log_loss, roc_auc_score, roc_curve
+
+
+def metrics_at_threshold(y_true: np.ndarray, p_pos: np.ndarray, threshold: float) -> dict:
+    """Accuracy, sensitivity, specificity, precision, F1, ROC AUC and the confusion matrix.
+
+    The positive class is index 1 (PNEUMONIA); a case is called positive when ``p >= threshold``.
+    """
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(p_pos, dtype=np.float64)
+    pred = (p >= threshold).astype(int)
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, pred, labels=[0, 1]).ravel())
+    n = tn + fp + fn + tp
+
+    def ratio(a: int, b: int) -> float:
+        return float(a / b) if b else float("nan")
+
+    sens, prec = ratio(tp, tp + fn), ratio(tp, tp + fp)
+    out = {
+        "n": n,
+        "threshold": float(threshold),
+        "accuracy": ratio(tp + tn, n),
+        "sensitivity": sens,
+        "specificity": ratio(tn, tn + fp),
+        "precision": prec,
+        "f1": float(2 * prec * sens / (prec + sens)) if (prec + sens) and not math.isnan(prec + sens) else float("nan"),
+        "roc_auc": float(roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else float("nan"),
+        "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+        "positives": int(y.sum()),
+        "negatives": int(n - y.sum()),
+    }
+    return out
+
+
+def choose_threshold(y_true: np.ndarray, p_pos: np.ndarray, target_sensitivity: float = 0.0) -> float:
+    """The decision threshold, from validation data only.
+
+    With ``target_sensitivity`` > 0: the highest threshold whose sensitivity reaches the target
+    (the most specific operating point that still finds that share of pneumonia cases). Otherwise
+    the point of the ROC curve maximising Youden's J (sensitivity + specificity - 1).
+    A threshold sits halfway between neighbouring scores so it does not hinge on one image.
+    """
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(p_pos, dtype=np.float64)
+    if len(set(y.tolist())) < 2:
+        return 0.5
+    fpr, tpr, thr = roc_curve(y, p)
+    thr = np.where(np.isfinite(thr), thr, 1.0)
+    if target_sensitivity > 0:
+        ok = np.flatnonzero(tpr >= target_sensitivity)
+        i = int(ok[0])
+    else:
+        i = int(np.argmax(tpr - fpr))
+    t = float(thr[i])
+    lower = p[p < t]
+    if lower.size:
+        t = (t + float(lower.max())) / 2.0
+    return float(min(max(t, 1e-6), 1 - 1e-6))
+
+
+def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
+    """Temperature scaling (Guo et al. 2017): the T minimising validation log loss of softmax(z/T).
+
+    One scalar found by golden-section search over log T; it changes probabilities, not ranking.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y_true).astype(int)
+    if len(set(y.tolist())) < 2:
+        return 1.0
+
+    def nll(log_t: float) -> float:
+        s = z / math.exp(log_t)
+        s = s - s.max(axis=1, keepdims=True)
+        prob = np.exp(s) / np.exp(s).sum(axis=1, keepdims=True)
+        return float(log_loss(y, prob, labels=[0, 1]))
+
+    lo, hi = math.log(0.05), math.log(20.0)
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(60):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = nll(b)
+    return float(math.exp((lo + hi) / 2))
