@@ -88,8 +88,8 @@ class Layout:
                     raise DatasetLayoutError(f"class {cls} in split '{split}' has no images ({split}/{cls}/ is missing or empty)")
 
 
-def scan_relpaths(relpaths: Iterable[str]) -> Layout:
-    """Sort relative paths (``split/CLASS/file``) into a :class:`Layout`."""
+def scan_relpaths(relpaths: Iterable[str], splits: tuple[str, ...] = SPLITS) -> Layout:
+    """Sort relative paths (``split/CLASS/file``) into a :class:`Layout`; other splits are reported."""
     layout = Layout()
     ignored: Counter[str] = Counter()
     for rel in sorted(set(relpaths)):
@@ -101,7 +101,7 @@ def scan_relpaths(relpaths: Iterable[str]) -> Layout:
             continue
         split, cls_folder, name = parts
         split_l = split.lower()
-        if split_l not in SPLITS:
+        if split_l not in splits:
             ignored[f"{split}"] += 1
             continue
         try:
@@ -140,7 +140,7 @@ def scan_channel(channel_dir: str | os.PathLike, split: str) -> Layout:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in filenames:
             rels.append(f"{split}/" + Path(dirpath, f).relative_to(root).as_posix())
-    return scan_relpaths(rels)
+    return scan_relpaths(rels, (split,))
 
 
 def fingerprint(relpaths: Iterable[str]) -> str:
