@@ -590,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         reason = f"internal error: {type(exc).__name__}: {exc}"
     print(f"training failed: {reason}", file=sys.stderr, flush=True)
     with contextlib.suppress(OSError):
+        clear_previous_bundle(Path(getattr(args, "model_dir", None) or os.environ.get("SM_MODEL_DIR") or "runs/model"))
+    with contextlib.suppress(OSError):
         fail = failure_file(args)
         fail.parent.mkdir(parents=True, exist_ok=True)
         fail.write_text(reason[:1000] + "\n")

@@ -1,0 +1,236 @@
+"""The training entrypoint under SageMaker's container contract, on real X-rays (contract 2 and 3)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DATA, DATA_224, ROOT
+from shared.bundle import read_bundle
+from shared.dataset import patient_key
+from shared.labels import CLASS_NAMES
+
+METRIC_LINE = re.compile(
+    r"^epoch=(\d+) train_loss=([0-9.]+) val_loss=([0-9.]+) val_auc=([0-9.]+) val_acc=([0-9.]+) lr=([0-9.e-]+)$", re.M)
+QUICK = ["--architecture", "seed_cnn", "--width", "8", "--image_size", "64", "--batch-size", "16",
+         "--progress", "plain", "--workers", "2"]
+
+
+def subset(dest: Path, per_class: int = 40, broken: dict[str, int] | None = None) -> Path:
+    """A small real dataset as symlinks (the data stays in ../shared), optionally with broken files."""
+    for cls in CLASS_NAMES:
+        d = dest / cls
+        d.mkdir(parents=True, exist_ok=True)
+        for src in sorted((DATA_224 / "train" / cls).iterdir())[:per_class]:
+            (d / src.name).symlink_to(src)
+        for i in range((broken or {}).get(cls, 0)):
+            (d / f"broken-{i}.jpeg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 50)
+    return dest
+
+
+def sm_env(opt_ml: Path, train: Path | None, val: Path | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
+    env.update({
+        "SM_MODEL_DIR": str(opt_ml / "model"), "SM_OUTPUT_DATA_DIR": str(opt_ml / "output" / "data"),
+        "SM_OUTPUT_DIR": str(opt_ml / "output"), "SM_NUM_GPUS": "0", "SM_HOSTS": '["algo-1"]',
+        "SM_CURRENT_HOST": "algo-1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2",
+    })
+    env.pop("PYTHONPATH", None)
+    if train is not None:
+        env["SM_CHANNEL_TRAIN"] = str(train)
+    if val is not None:
+        env["SM_CHANNEL_VAL"] = str(val)
+    return env
+
+
+def run_entrypoint(opt_ml: Path, env: dict, *hp: str, timeout=600) -> subprocess.CompletedProcess:
+    # As the SageMaker PyTorch container does: `python <program> --key value ...` from the source dir.
+    cmd = [sys.executable, str(ROOT / "training_job" / "train.py"), "--checkpoint_dir", str(opt_ml / "checkpoints"), *hp]
+    return subprocess.run(cmd, cwd=opt_ml, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    opt_ml = tmp_path_factory.mktemp("opt_ml")
+    train = subset(opt_ml / "input" / "data" / "train", 40, broken={"NORMAL": 2})
+    proc = run_entrypoint(opt_ml, sm_env(opt_ml, train), "--epochs", "3", *QUICK)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return opt_ml, proc
+
+
+def test_entrypoint_writes_a_valid_bundle_under_the_sagemaker_contract(trained):
+    opt_ml, proc = trained
+    lines = METRIC_LINE.findall(proc.stdout)
+    assert [int(m[0]) for m in lines] == [1, 2, 3], proc.stdout
+    bundle = read_bundle(opt_ml / "model")
+    meta = bundle.meta
+    assert meta["class_names"] == list(CLASS_NAMES)
+    assert meta["preprocessing"]["size"] == 64
+    v = meta["metrics"]["validation"]
+    for key in ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "confusion_matrix"):
+        assert key in v
+    assert 0 < bundle.threshold < 1
+    prov = meta["provenance"]
+    assert prov["hyperparameters"]["epochs"] == 3 and prov["code_version"].startswith("src-")
+    assert len(prov["dataset"]["fingerprint"]) == 64
+    skipped = {s["file"] for s in prov["dataset"]["skipped"]}
+    assert skipped == {"train/NORMAL/broken-0.jpeg", "train/NORMAL/broken-1.jpeg"}
+    assert "skipped unreadable image train/NORMAL/broken-0.jpeg" in proc.stdout
+    for f in ("metrics.json", "roc.png", "confusion_matrix.png", "learning_curves.png", "MODEL_CARD.md"):
+        assert (opt_ml / "model" / "report" / f).stat().st_size > 100
+    assert "not a medical device" in (opt_ml / "model" / "report" / "MODEL_CARD.md").read_text().lower()
+    assert (opt_ml / "output" / "data" / "val_predictions.csv").is_file()
+    assert not (opt_ml / "output" / "failure").exists()
+    assert (opt_ml / "checkpoints" / "best.pt").is_file() and (opt_ml / "checkpoints" / "last.pt").is_file()
+
+
+def test_validation_split_keeps_patients_apart(trained):
+    opt_ml, _ = trained
+    val = [r["path"] for r in csv.DictReader(open(opt_ml / "output" / "data" / "val_predictions.csv"))]
+    val_patients = {patient_key(p) for p in val}
+    all_files = {p.name for cls in CLASS_NAMES for p in (opt_ml / "input" / "data" / "train" / cls).iterdir()}
+    train_patients = {patient_key(f) for f in all_files} - {patient_key(Path(p).name) for p in val}
+    assert val and not (val_patients & train_patients)
+
+
+def test_evaluation_command_scores_the_bundle(trained, tmp_path):
+    opt_ml, _ = trained
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, "-m", "training_job.evaluate", "--bundle", str(opt_ml / "model"),
+                           "--data", str(DATA / "chest_xray_original_sample"), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 6 and set(metrics["confusion_matrix"]) == {"tn", "fp", "fn", "tp"}
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows) == 6 and {r["label"] for r in rows} == set(CLASS_NAMES)
+    assert all(0.0 <= float(r["probability_pneumonia"]) <= 1.0 for r in rows)
+
+
+def test_onnx_matches_the_best_torch_checkpoint_on_real_images(trained, originals):
+    import torch
+
+    from shared.imaging import decode_file
+    from shared.predictor import OnnxPredictor
+    from shared.preprocessing import preprocess
+    from training_job.models import build_model
+
+    opt_ml, _ = trained
+    bundle = read_bundle(opt_ml / "model")
+    model = build_model("seed_cnn", 1, 2, width=8)
+    state = torch.load(opt_ml / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)["model"]
+    model.load_state_dict({k: v for k, v in state.items() if k != "n_averaged"})
+    model.eval()
+    predictor = OnnxPredictor(bundle)
+    for path in originals:
+        decoded = decode_file(path)
+        x = preprocess(decoded.image, bundle.preprocessing)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()[0]
+        got = predictor.predict(decoded).logits
+        assert np.max(np.abs(got - ref)) <= 1e-4
+
+
+def _assert_failed(opt_ml: Path, proc, needle: str):
+    assert proc.returncode != 0
+    failure = (opt_ml / "output" / "failure").read_text()
+    assert re.search(needle, failure, re.I), failure
+    assert "Traceback" not in proc.stderr
+    assert not (opt_ml / "model" / "bundle.json").exists()
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("unknown_hyperparameter", "unrecognized arguments: --bogus"),
+    ("zero_epochs", "epochs must be at least 1"),
+    ("missing_channel", "train channel .* does not exist"),
+    ("wrong_layout", "no NORMAL/ and PNEUMONIA/ class folders"),
+    ("empty_class", "class PNEUMONIA .* has no images"),
+    ("all_corrupt_class", "class NORMAL in 'train' has no readable images"),
+    ("bad_value", "argument --epochs: invalid int value"),
+])
+def test_bad_input_fails_clearly_and_leaves_no_bundle(tmp_path, case, needle):
+    opt_ml = tmp_path
+    train = opt_ml / "input" / "data" / "train"
+    hp = ["--epochs", "1", *QUICK]
+    if case == "unknown_hyperparameter":
+        subset(train, 10)
+        hp += ["--bogus", "1"]
+    elif case == "zero_epochs":
+        subset(train, 10)
+        hp = ["--epochs", "0", *QUICK]
+    elif case == "missing_channel":
+        pass
+    elif case == "wrong_layout":
+        train.mkdir(parents=True)
+        for src in sorted((DATA_224 / "train" / "NORMAL").iterdir())[:3]:
+            (train / src.name).symlink_to(src)
+    elif case == "empty_class":
+        subset(train, 10)
+        for f in (train / "PNEUMONIA").iterdir():
+            f.unlink()
+    elif case == "all_corrupt_class":
+        subset(train, 10)
+        for f in (train / "NORMAL").iterdir():
+            f.unlink()
+        (train / "NORMAL" / "x.jpeg").write_bytes(b"\xff\xd8\xff garbage")
+    elif case == "bad_value":
+        subset(train, 10)
+        hp = ["--epochs", "many", *QUICK]
+    # a bundle from an earlier run must not survive a failed one
+    (opt_ml / "model").mkdir(parents=True, exist_ok=True)
+    (opt_ml / "model" / "bundle.json").write_text("{}")
+    proc = run_entrypoint(opt_ml, sm_env(opt_ml, train), *hp)
+    _assert_failed(opt_ml, proc, needle)
+
+
+def test_dashes_and_underscores_and_string_booleans_are_accepted():
+    from training_job.train import parse_args
+
+    a = parse_args(["--train", str(DATA_224 / "train"), "--image_size", "96", "--label-smoothing", "0.1",
+                    "--tta", "true", "--calibrate", "False"])
+    assert a.image_size == 96 and a.label_smoothing == 0.1 and a.tta is True and a.calibrate is False
+
+
+def test_interrupted_job_resumes_from_its_checkpoint(tmp_path):
+    opt_ml = tmp_path
+    train = subset(opt_ml / "input" / "data" / "train", 30)
+    env = sm_env(opt_ml, train)
+    hp = ["--epochs", "4", *QUICK]
+    cmd = [sys.executable, str(ROOT / "training_job" / "train.py"), "--checkpoint_dir", str(opt_ml / "checkpoints"), *hp]
+    # A spot interruption: the process is killed mid-run, after at least two epochs were checkpointed.
+    proc = subprocess.Popen(cmd, cwd=opt_ml, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("epoch=3 "):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert any(s.startswith("epoch=3 ") for s in seen), "".join(seen)[-2000:]
+    assert not (opt_ml / "model" / "bundle.json").exists()
+    resumed = run_entrypoint(opt_ml, env, *hp)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert re.search(r"resumed from checkpoint at epoch [23]", resumed.stdout)
+    epochs = [int(m[0]) for m in METRIC_LINE.findall(resumed.stdout)]
+    assert epochs and epochs[0] in (3, 4) and epochs[-1] == 4
+    history = json.loads((opt_ml / "output" / "data" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    read_bundle(opt_ml / "model")
+
+
+def test_ddp_with_two_cpu_processes(tmp_path):
+    opt_ml = tmp_path
+    train = subset(opt_ml / "input" / "data" / "train", 30)
+    proc = run_entrypoint(opt_ml, sm_env(opt_ml, train), "--epochs", "2", "--processes_per_host", "2", *QUICK)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert [int(m[0]) for m in METRIC_LINE.findall(proc.stdout)] == [1, 2]  # one line per epoch: rank 0 only
+    assert read_bundle(opt_ml / "model").meta["provenance"]["hyperparameters"]["processes_per_host"] == 2

@@ -1,0 +1,64 @@
+"""Units of the training side: the held-out/validation split, metrics, threshold, temperature."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import torch
+
+from conftest import DATA
+from shared.dataset import patient_key
+from shared.labels import CLASS_NAMES
+from training_job.data import Augment, group_ids, grouped_split
+from training_job.metrics import choose_threshold, fit_temperature, metrics_at_threshold
+
+
+def test_grouped_split_on_the_real_file_list_never_shares_a_patient_or_duplicate():
+    rows = list(csv.DictReader(open(DATA / "manifest.csv")))
+    rels = [r["relative_path"] for r in rows]
+    digests = [r["sha256"] for r in rows]
+    labels = np.asarray([CLASS_NAMES.index(r["label"]) for r in rows])
+    patients = [patient_key(r) for r in rels]
+    keep, held = grouped_split(labels, group_ids(patients, digests), 0.15, seed=42)
+    assert len(set(keep) | set(held)) == len(rows) and not set(keep) & set(held)
+    assert not {patients[i] for i in keep} & {patients[i] for i in held}
+    assert not {digests[i] for i in keep} & {digests[i] for i in held}
+    assert 0.12 < len(held) / len(rows) < 0.18
+    assert abs(labels[held].mean() - labels.mean()) < 0.03  # stratified: same class balance
+
+
+def test_metrics_at_threshold_known_case():
+    y = np.array([0, 0, 0, 1, 1, 1, 1])
+    p = np.array([0.1, 0.4, 0.6, 0.3, 0.7, 0.8, 0.9])
+    m = metrics_at_threshold(y, p, 0.5)
+    assert m["confusion_matrix"] == {"tn": 2, "fp": 1, "fn": 1, "tp": 3}
+    assert m["sensitivity"] == 0.75 and abs(m["specificity"] - 2 / 3) < 1e-12 and m["precision"] == 0.75
+
+
+def test_threshold_policies():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(300), np.ones(700)].astype(int)
+    p = np.r_[rng.beta(2, 5, 300), rng.beta(5, 2, 700)]
+    t_youden = choose_threshold(y, p)
+    t_sens = choose_threshold(y, p, target_sensitivity=0.97)
+    assert metrics_at_threshold(y, p, t_sens)["sensitivity"] >= 0.97
+    assert t_sens < t_youden
+
+
+def test_temperature_scaling_fixes_overconfidence():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 2000)
+    true_logit = np.where(y == 1, 1.0, -1.0) + rng.normal(0, 1.5, 2000)
+    logits = np.stack([-true_logit, true_logit], 1) * 4  # 4x overconfident
+    t = fit_temperature(logits, y)
+    assert 7.0 < t < 11.0  # the Bayes-optimal log-odds here are 0.89 v against 8 v given: T = 9
+
+
+def test_augmentation_keeps_shape_range_and_is_seeded():
+    x = torch.rand(4, 1, 32, 32) * 255
+    a = Augment.preset("strong")
+    out1 = a(x, torch.Generator().manual_seed(3))
+    out2 = a(x, torch.Generator().manual_seed(3))
+    assert out1.shape == x.shape and float(out1.min()) >= 0 and float(out1.max()) <= 255
+    assert torch.equal(out1, out2) and not torch.equal(out1, x)
