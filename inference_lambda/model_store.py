@@ -1,0 +1,282 @@
+"""Which model is in service: where ``MODEL_URI`` points, loading it once, and swapping it on promotion.
+
+``MODEL_URI`` forms:
+
+- a bundle folder (``/opt/model``) or a ``model.tar.gz`` path (``file://`` prefix allowed);
+- ``s3://bucket/key/model.tar.gz``: downloaded once per cold start into the cache folder (/tmp);
+- ``ssm:<parameter name>``: the promoted-model pointer (:mod:`shared.pointer`). The archive it names
+  is downloaded, its SHA-256 checked against the pointer's, and unpacked. The pointer is read again
+  at most every ``MODEL_POINTER_TTL_SECONDS``; when it names another archive, that model is loaded
+  and swapped in, so promotion needs no redeploy. If the new model cannot be loaded, the model in
+  service stays and the failed pointer is not tried again until it changes.
+
+The ONNX Runtime session is created when the model loads, once per cold start (and once per swap).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aws_lambda_powertools import Logger
+
+from shared.bundle import ARCHIVE_NAME, Bundle, BundleError, file_sha256, read_bundle, unpack
+from shared.pointer import ModelPointer, PointerError
+from shared.predictor import OnnxPredictor
+
+from .config import SERVICE_NAME, Settings
+from .errors import ModelUnavailable
+
+log = Logger(service=SERVICE_NAME, child=True)
+
+SSM_PREFIX = "ssm:"
+S3_PREFIX = "s3://"
+
+
+class ModelSourceError(RuntimeError):
+    """The model named by ``MODEL_URI`` cannot be fetched or trusted; the message says why."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    bundle: Bundle
+    predictor: OnnxPredictor
+    source: str  # MODEL_URI as configured
+    location: str  # where the bundle came from (the pointer's target for ssm:)
+    sha256: str | None  # of model.tar.gz, when it came as an archive
+    loaded_at: str
+    load_seconds: float
+    pointer: ModelPointer | None = None
+
+    def describe(self) -> dict[str, Any]:
+        b = self.bundle
+        return {
+            "version": b.version,
+            "trained_at": b.trained_at,
+            "threshold": b.threshold,
+            "class_names": list(b.class_names),
+            "positive_class": b.class_names[b.positive_index],
+            "architecture": b.meta.get("architecture"),
+            "input_size": b.preprocessing.size,
+            "source": self.source,
+            "location": self.location,
+            "sha256": self.sha256,
+            "loaded_at": self.loaded_at,
+            "promoted_at": self.pointer.promoted_at if self.pointer else None,
+        }
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len(S3_PREFIX):].partition("/")
+    if not bucket or not key:
+        raise ModelSourceError(f"{uri!r} is not an s3://bucket/key URI")
+    return bucket, key
+
+
+class ModelStore:
+    """Holds the model in service for this execution environment; thread-safe."""
+
+    def __init__(self, settings: Settings, *, s3_client_factory: Callable[[], Any] | None = None,
+                 ssm_provider: Any = None, clock: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        self._s3_factory = s3_client_factory
+        self._s3 = None
+        self._ssm = ssm_provider
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._model: LoadedModel | None = None
+        self._failure: tuple[float, str] | None = None  # (when, message) of the last failed cold load
+        self._rejected_pointer: tuple[str, str] | None = None  # (uri, sha256) that failed to load
+        self._owned_dirs: dict[str, Path] = {}  # cache folders this store created, by sha256/uri
+
+    # -- public --------------------------------------------------------------------------------
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self._model
+
+    def get(self) -> LoadedModel:
+        """The model to answer with; raises :class:`ModelUnavailable` (503) when there is none."""
+        with self._lock:
+            if self._model is None:
+                return self._cold_load()
+            if self._is_pointer:
+                self._maybe_swap()
+            return self._model
+
+    def warm_up(self) -> None:
+        """Load now (the init phase); a failure is remembered and retried by later requests."""
+        try:
+            self.get()
+        except ModelUnavailable:
+            pass
+
+    # -- loading -------------------------------------------------------------------------------
+
+    @property
+    def _is_pointer(self) -> bool:
+        return bool(self.settings.model_uri and self.settings.model_uri.startswith(SSM_PREFIX))
+
+    def _cold_load(self) -> LoadedModel:
+        retry = self.settings.retry_seconds
+        if self._failure is not None and self._clock() - self._failure[0] < retry:
+            raise ModelUnavailable(self._failure[1], retry)
+        uri = self.settings.model_uri
+        try:
+            if not uri:
+                raise ModelSourceError("MODEL_URI is not set: the function has no model to serve")
+            if self._is_pointer:
+                pointer = self._read_pointer(force=True)
+                self._model = self._load_pointer(pointer)
+            else:
+                self._model = self._load_location(uri, expected_sha256=None)
+        except (ModelSourceError, BundleError, PointerError, OSError, ValueError, RuntimeError) as exc:
+            message = f"the model cannot be loaded: {exc}"
+            self._failure = (self._clock(), message)
+            log.error("model load failed", extra={"model_uri": uri, "reason": str(exc)})
+            raise ModelUnavailable(message, retry) from None
+        self._failure = None
+        log.info("model loaded", extra={"model": self._model.describe(), "load_seconds": self._model.load_seconds})
+        return self._model
+
+    def _maybe_swap(self) -> None:
+        current = self._model
+        assert current is not None
+        try:
+            pointer = self._read_pointer(force=False)
+        except (ModelSourceError, PointerError) as exc:
+            log.warning("model pointer unreadable; keeping the model in service", extra={"reason": str(exc)})
+            return
+        key = (pointer.model_uri, pointer.sha256)
+        if current.pointer is not None and (current.pointer.model_uri, current.pointer.sha256) == key:
+            return
+        if key == self._rejected_pointer:
+            return
+        if pointer.sha256 == current.sha256:  # the same archive, promoted again or copied elsewhere
+            self._model = replace(current, pointer=pointer, location=pointer.model_uri)
+            return
+        try:
+            new = self._load_pointer(pointer)
+        except (ModelSourceError, BundleError, OSError, ValueError, RuntimeError) as exc:
+            self._rejected_pointer = key
+            log.error("promoted model failed to load; keeping the model in service",
+                      extra={"model_uri": pointer.model_uri, "reason": str(exc),
+                             "serving_version": current.bundle.version})
+            return
+        self._model = new
+        self._rejected_pointer = None
+        log.info("model swapped", extra={"previous_version": current.bundle.version, "model": new.describe()})
+        self._forget(current)
+
+    def _read_pointer(self, force: bool) -> ModelPointer:
+        name = self.settings.model_uri[len(SSM_PREFIX):]  # type: ignore[index]
+        if not name:
+            raise ModelSourceError("MODEL_URI 'ssm:' names no parameter")
+        if self._ssm is None:
+            from aws_lambda_powertools.utilities.parameters import SSMProvider
+
+            self._ssm = SSMProvider()
+        try:
+            value = self._ssm.get(name, max_age=self.settings.pointer_ttl_seconds, force_fetch=force)
+        except Exception as exc:  # GetParameterError wraps every SDK failure
+            raise ModelSourceError(f"cannot read the model pointer {name!r} from SSM: {exc}") from None
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        return ModelPointer.from_json(value)
+
+    def _load_pointer(self, pointer: ModelPointer) -> LoadedModel:
+        model = self._load_location(pointer.model_uri, expected_sha256=pointer.sha256)
+        return replace(model, pointer=pointer)
+
+    def _load_location(self, location: str, expected_sha256: str | None) -> LoadedModel:
+        t0 = time.perf_counter()
+        if location.startswith("file://"):
+            location = location[len("file://"):]
+        sha = None
+        if location.startswith(S3_PREFIX):
+            archive, folder = self._download(location, expected_sha256)
+            sha = expected_sha256 or file_sha256(archive)
+            bundle = self._unpack(archive, folder)
+        else:
+            path = Path(location)
+            if path.is_dir():
+                if expected_sha256:
+                    raise ModelSourceError(f"the pointer names a folder ({location}); it must name a {ARCHIVE_NAME}")
+                bundle = read_bundle(path)
+            elif path.is_file():
+                sha = file_sha256(path)
+                _check_sha(location, sha, expected_sha256)
+                bundle = self._unpack(path, self._folder_for(sha))
+            else:
+                raise ModelSourceError(f"{location} does not exist")
+        predictor = OnnxPredictor(bundle, threads=self.settings.threads or None)
+        return LoadedModel(bundle=bundle, predictor=predictor, source=self.settings.model_uri or location,
+                           location=location, sha256=sha, loaded_at=_now(),
+                           load_seconds=round(time.perf_counter() - t0, 3))
+
+    def _folder_for(self, key: str) -> Path:
+        folder = self.settings.cache_dir / hashlib.sha256(key.encode()).hexdigest()[:16]
+        self._owned_dirs[key] = folder
+        return folder
+
+    def _download(self, uri: str, expected_sha256: str | None) -> tuple[Path, Path]:
+        bucket, key = parse_s3_uri(uri)
+        folder = self._folder_for(expected_sha256 or uri)
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        archive = folder / ARCHIVE_NAME
+        if self._s3 is None:
+            self._s3 = self._s3_factory() if self._s3_factory else _default_s3_client()
+        try:
+            self._s3.download_file(bucket, key, str(archive))
+        except Exception as exc:  # botocore ClientError, connection errors, s3transfer errors
+            shutil.rmtree(folder, ignore_errors=True)
+            raise ModelSourceError(f"cannot download {uri}: {exc}") from None
+        try:
+            _check_sha(uri, file_sha256(archive), expected_sha256)
+        except ModelSourceError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return archive, folder
+
+    def _unpack(self, archive: Path, folder: Path) -> Bundle:
+        target = folder / "bundle"
+        if target.exists():
+            shutil.rmtree(target)
+        unpack(archive, target)
+        if archive.parent == folder:  # a download of ours: the unpacked copy is all that is needed
+            archive.unlink(missing_ok=True)
+        return read_bundle(target)
+
+    def _forget(self, old: LoadedModel) -> None:
+        """Free /tmp (512 MB by default) from a model that was swapped out."""
+        for key in (old.sha256, old.location):
+            folder = self._owned_dirs.pop(key, None) if key else None
+            if folder is not None and folder.is_relative_to(self.settings.cache_dir):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _check_sha(where: str, actual: str, expected: str | None) -> None:
+    if expected and actual != expected:
+        raise ModelSourceError(
+            f"{where} has SHA-256 {actual[:12]}..., but the pointer says {expected[:12]}...; refusing to serve it"
+        )
+
+
+def _default_s3_client():
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(retries={"max_attempts": 3, "mode": "standard"}))
