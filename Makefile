@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test` (the whole suite).
+# Each installs what it needs first; a second run reuses the installed environment.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= ../shared/data/chest_xray_224
+export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
+export AWS_EC2_METADATA_DISABLED := true
+export SAGEMAKER_TELEMETRY_OPT_OUT := true
+
+.PHONY: install demo test bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[train,serve,infra,dev]'
+	touch $@
+
+node_modules/.installed: package.json
+	@if [ -f package-lock.json ]; then npm ci --no-audit --no-fund --loglevel=error; else npm install --no-audit --no-fund --loglevel=error; fi
+	touch $@
+
+install: $(VENV)/.installed $(if $(wildcard package.json),node_modules/.installed)
+
+# The main job: train on DATA with the quick preset, then score the bundle on the six full-size
+# originals through the serving path.
+demo: install
+	$(PY) -m training_job.train --data $(DATA) --epochs 3 --limit-per-class 400 \
+		--model-dir runs/demo/model --output-data-dir runs/demo/output --checkpoint-dir runs/demo/checkpoints
+	$(PY) -m training_job.evaluate --bundle runs/demo/model --data ../shared/data/chest_xray_original_sample \
+		--out runs/demo/eval
+
+# pytest exits 5 when it collected nothing: for this suite that is a failure, not a pass.
+test: install
+	@$(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
+
+bench: install
+	$(PY) benchmarks/train_input_benchmark.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf runs cdk.out .pytest_cache
