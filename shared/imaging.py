@@ -13,7 +13,9 @@ are applied). No DICOM tag other than the ones describing pixels is ever read ou
 from __future__ import annotations
 
 import io
+import logging
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -192,14 +194,40 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+@contextmanager
+def _quiet_pydicom():
+    """pydicom reports odd elements through warnings and its logger, quoting their values (a
+    patient's name among them); neither may reach a log while a user's file is read."""
+    pydicom_logger = logging.getLogger("pydicom")
+    level = pydicom_logger.level
+    pydicom_logger.setLevel(logging.CRITICAL + 1)  # children inherit it: pydicom.pixels.* too
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        pydicom_logger.setLevel(level)
+
+
 def _decode_dicom(data: bytes) -> DecodedImage:
+    with _quiet_pydicom():
+        try:
+            return _decode_dicom_dataset(data)
+        except ImageError:
+            raise
+        except Exception as exc:  # malformed files raise many types, deep inside element parsing
+            # Only the type: pydicom's messages may quote the bytes or values of the element.
+            raise CorruptImageError(f"the DICOM file is damaged or malformed ({type(exc).__name__})") from None
+
+
+def _decode_dicom_dataset(data: bytes) -> DecodedImage:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CorruptImageError(f"the DICOM file cannot be parsed ({_short(exc)})") from None
+        raise CorruptImageError(f"the DICOM file cannot be parsed ({type(exc).__name__})") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise UnsupportedDicomError("the DICOM file has no pixel data (is it a structured report or a worklist?)")
     try:
@@ -214,15 +242,14 @@ def _decode_dicom(data: bytes) -> DecodedImage:
     try:
         arr = ds.pixel_array
     except NotImplementedError as exc:
-        name = getattr(tsyntax, "name", str(tsyntax))
         raise UnsupportedDicomError(
-            f"DICOM transfer syntax '{name}' cannot be decoded here; send it uncompressed "
-            f"(Explicit VR Little Endian) or as JPEG/PNG ({_short(exc)})"
+            f"DICOM transfer syntax {_syntax_name(tsyntax)} cannot be decoded here; send it uncompressed "
+            f"(Explicit VR Little Endian) or as JPEG/PNG ({type(exc).__name__})"
         ) from None
     except (ValueError, AttributeError, KeyError, TypeError, RuntimeError, OSError, EOFError) as exc:
         if tsyntax is not None and getattr(tsyntax, "is_compressed", False):
             raise UnsupportedDicomError(
-                f"DICOM transfer syntax '{getattr(tsyntax, 'name', tsyntax)}' could not be decoded ({_short(exc)}); "
+                f"DICOM transfer syntax {_syntax_name(tsyntax)} could not be decoded ({type(exc).__name__}); "
                 "send it uncompressed (Explicit VR Little Endian) or as JPEG/PNG"
             ) from None
         raise CorruptImageError(f"the DICOM pixel data is damaged or inconsistent ({_short(exc)})") from None
@@ -246,6 +273,16 @@ def _decode_dicom(data: bytes) -> DecodedImage:
         out = 255 - out
     gray = Image.fromarray(out, "L")
     return DecodedImage(gray, "dicom", gray.width, gray.height)
+
+
+def _syntax_name(uid) -> str:
+    """A registered transfer syntax by name; anything else unquoted, since the file wrote it."""
+    from pydicom.uid import UID_dictionary
+
+    entry = UID_dictionary.get(str(uid)) if uid is not None else None
+    if entry and entry[1] == "Transfer Syntax":
+        return f"'{entry[0]}'"
+    return "(unrecognised)"
 
 
 def _first(value) -> float | None:
