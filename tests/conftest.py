@@ -68,3 +68,16 @@ def tiny_bundle_archive(tiny_bundle, tmp_path_factory) -> Path:
     from shared.bundle import ARCHIVE_NAME, pack
 
     return pack(tiny_bundle, tmp_path_factory.mktemp("tiny-archive") / ARCHIVE_NAME)
+
+
+@pytest.fixture
+def inference_app(monkeypatch, tiny_bundle, tmp_path):
+    """The inference Lambda's handler module serving ``tiny_bundle``, as after a fresh cold start."""
+    from inference_lambda import app
+    from inference_lambda.config import Settings
+    from inference_lambda.model_store import ModelStore
+
+    settings = Settings(model_uri=str(tiny_bundle), cache_dir=tmp_path / "model-cache")
+    monkeypatch.setattr(app, "settings", settings)
+    monkeypatch.setattr(app, "store", ModelStore(settings))
+    return app
