@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = p.add_argument_group("model")
     m.add_argument("--architecture", default="resnet10", choices=ARCHITECTURES)
-    m.add_argument("--width", type=int, default=32, help="first-block channels of seed_cnn")
+    m.add_argument("--width", type=int, default=0, help="first-stage channels of seed_cnn/resnet10; 0 = default (32/64)")
     m.add_argument("--dropout", type=float, default=0.1)
     m.add_argument("--pretrained", type=_bool, default=False, help="ImageNet weights (downloads; needs internet)")
     m.add_argument("--image-size", type=int, default=128)
