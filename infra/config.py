@@ -1,0 +1,230 @@
+"""Every deploy-time knob, read from one place.
+
+The defaults live in ``cdk.json`` under ``context``; ``cdk deploy -c key=value`` overrides any of
+them. The stack (through ``node.try_get_context``) and the ``launch`` command (through
+:func:`load`) build the same :class:`Config`, so a training job started by hand is configured
+exactly like one started by the pipeline.
+
+Values given on the command line arrive as strings; :meth:`Config.from_context` converts them
+to the type of the default in ``cdk.json`` (numbers, booleans, JSON objects and lists).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .functions.common import CHECKPOINTS_PREFIX, DATASETS_PREFIX, MODELS_PREFIX  # noqa: F401 (re-exported)
+
+ROOT = Path(__file__).resolve().parents[1]
+CDK_JSON = ROOT / "cdk.json"
+
+# The training script inside the submit directory (contract 2); train.py puts the directory
+# above it on sys.path so that `import shared` works when run as a file.
+TRAINING_PROGRAM = "training_job/train.py"
+CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
+
+# Uploaded by `launch` when it stages the submit directory itself.
+CODE_PREFIX = "code/"
+
+# One metric line per epoch (contract 2), e.g.
+#   epoch=3 train_loss=0.1234 val_loss=0.2345 val_auc=0.9876 val_acc=0.9500 lr=0.000100
+_NUMBER = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+METRIC_DEFINITIONS: tuple[dict[str, str], ...] = tuple(
+    {"Name": name, "Regex": rf"\b{name}={_NUMBER}"}
+    for name in ("train_loss", "val_loss", "val_auc", "val_acc", "lr")
+)
+
+_KNOWN_PERIODS = ("DAY", "WEEK", "MONTH")
+
+
+class ConfigError(ValueError):
+    """A context value that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Config:
+    stack_name: str = "CxrPneumonia"
+    region: str = ""
+    training_image_uri: str = ""
+    training_image_uris: dict[str, str] = field(default_factory=dict)
+    pytorch_version: str = "2.8.0"
+    python_version: str = "py312"
+    training_instance_type: str = "ml.g4dn.xlarge"
+    training_instance_count: int = 1
+    training_volume_size_gb: int = 50
+    use_spot_instances: bool = True
+    max_runtime_seconds: int = 7200
+    max_wait_seconds: int = 14400
+    hyperparameters: dict[str, str] = field(default_factory=dict)
+    gate_thresholds: dict[str, float] = field(default_factory=dict)
+    gate_require_improvement: bool = True
+    gate_compare_metric: str = "roc_auc"
+    gate_min_improvement: float = 0.0
+    inference_memory_mb: int = 2048
+    inference_timeout_seconds: int = 29
+    api_throttle_rate_limit: float = 10.0
+    api_throttle_burst_limit: int = 20
+    api_quota_limit: int = 5000
+    api_quota_period: str = "DAY"
+    cors_allow_origins: list[str] = field(default_factory=lambda: ["*"])
+    notification_email: str = ""
+    metrics_namespace: str = "CxrPneumonia"
+    service_name: str = "cxr-inference"
+    log_retention_days: int = 90
+    checkpoint_expiration_days: int = 14
+    rejected_model_expiration_days: int = 30
+    noncurrent_version_expiration_days: int = 30
+    access_log_expiration_days: int = 365
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_context(cls, get: Callable[[str], Any], defaults: Mapping[str, Any] | None = None) -> Config:
+        """Build from a context getter (``node.try_get_context``); missing keys use cdk.json."""
+        defaults = dict(cdk_json_context() if defaults is None else defaults)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = context_key(f.name)
+            raw = get(key)
+            if raw is None:
+                raw = defaults.get(key)
+            if raw is None:
+                continue
+            values[f.name] = _coerce(key, raw, f.default if f.default is not MISSING else None,
+                                     f.default_factory() if f.default_factory is not MISSING else None)
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def with_overrides(self, **changes: Any) -> Config:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data.update({k: v for k, v in changes.items() if v is not None})
+        cfg = Config(**data)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        problems = []
+        if self.max_runtime_seconds < 60:
+            problems.append("maxRuntimeSeconds must be at least 60")
+        if self.use_spot_instances and self.max_wait_seconds < self.max_runtime_seconds:
+            problems.append("maxWaitSeconds must be at least maxRuntimeSeconds when useSpotInstances is on "
+                            f"(got {self.max_wait_seconds} < {self.max_runtime_seconds})")
+        if not self.training_instance_type.startswith("ml."):
+            problems.append(f"trainingInstanceType {self.training_instance_type!r} is not a SageMaker type (ml.*)")
+        if self.training_instance_count < 1:
+            problems.append("trainingInstanceCount must be at least 1")
+        if not 1 <= self.inference_timeout_seconds <= 900:
+            problems.append("inferenceTimeoutSeconds must be between 1 and 900")
+        if not 128 <= self.inference_memory_mb <= 10240:
+            problems.append("inferenceMemoryMb must be between 128 and 10240")
+        if self.api_quota_period not in _KNOWN_PERIODS:
+            problems.append(f"apiQuotaPeriod must be one of {', '.join(_KNOWN_PERIODS)}")
+        if self.api_throttle_burst_limit < 1 or self.api_throttle_rate_limit <= 0 or self.api_quota_limit < 1:
+            problems.append("API throttling rate, burst and quota must be positive")
+        for name, value in self.gate_thresholds.items():
+            if not 0.0 <= float(value) <= 1.0:
+                problems.append(f"gateThresholds.{name} must be between 0 and 1")
+        for key, value in self.hyperparameters.items():
+            if key.startswith("sagemaker_"):
+                problems.append(f"hyperparameters.{key}: sagemaker_* names are set by the pipeline")
+            if len(str(value)) > 2500:
+                problems.append(f"hyperparameters.{key} is longer than SageMaker's 2500 characters")
+        if self.notification_email and not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", self.notification_email):
+            problems.append(f"notificationEmail {self.notification_email!r} is not an e-mail address")
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{0,100}", self.stack_name):
+            problems.append("stackName must start with a letter and hold letters, digits and dashes")
+        if problems:
+            raise ConfigError("invalid context: " + "; ".join(problems))
+
+    # ------------------------------------------------------------------ derived values
+
+    def training_hyperparameters(self) -> dict[str, str]:
+        """The user-facing hyperparameters as SageMaker wants them: strings."""
+        return {str(k): _hp_string(v) for k, v in self.hyperparameters.items()}
+
+    def gate_settings(self) -> dict[str, Any]:
+        """What the quality-gate step needs (handed to the function as JSON)."""
+        return {
+            "thresholds": {k: float(v) for k, v in self.gate_thresholds.items()},
+            "require_improvement": self.gate_require_improvement,
+            "compare_metric": self.gate_compare_metric,
+            "min_improvement": float(self.gate_min_improvement),
+        }
+
+    def image_uri_for(self, region: str) -> str | None:
+        """An explicitly configured training image for ``region``, if any."""
+        return self.training_image_uris.get(region) or self.training_image_uri or None
+
+
+def context_key(attr: str) -> str:
+    """``max_wait_seconds`` -> ``maxWaitSeconds`` (the cdk.json spelling)."""
+    head, *rest = attr.split("_")
+    return head + "".join(w[:1].upper() + w[1:] for w in rest)
+
+
+def cdk_json_context(path: Path = CDK_JSON) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    return dict(doc.get("context", {}))
+
+
+def load(overrides: Mapping[str, Any] | None = None, path: Path = CDK_JSON) -> Config:
+    """The configuration outside CDK: cdk.json defaults, then ``overrides`` (context spelling)."""
+    defaults = cdk_json_context(path)
+    over = dict(overrides or {})
+    return Config.from_context(lambda k: over.get(k), defaults)
+
+
+def _hp_string(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def _coerce(key: str, raw: Any, default: Any, default_factory_value: Any) -> Any:
+    """Context values from ``-c`` are strings; turn them into the type the default has."""
+    template = default if default is not None else default_factory_value
+    try:
+        if isinstance(template, bool):
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off", ""):
+                return False
+            raise ValueError(f"expected true or false, got {raw!r}")
+        if isinstance(template, int):
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError(f"expected a whole number, got {raw!r}")
+            return int(float(raw)) if isinstance(raw, str) else int(raw)
+        if isinstance(template, float):
+            return float(raw)
+        if isinstance(template, (dict, list)):
+            value = raw
+            if isinstance(raw, str):
+                try:
+                    value = json.loads(raw)
+                except json.JSONDecodeError:
+                    if not isinstance(template, list):
+                        raise
+                    value = [part.strip() for part in raw.split(",") if part.strip()]
+            if isinstance(template, list) and isinstance(value, str):
+                value = [value]
+            if not isinstance(value, type(template)):
+                raise ValueError(f"expected a JSON {type(template).__name__}")
+            return value
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"context value {key}={raw!r}: {exc}") from None

@@ -1,0 +1,81 @@
+"""Tell the team how a run ended: promoted, rejected (with the gate's reasons) or failed.
+
+One function serves the three endings; it reads the outcome from the state document. A failed
+or rejected run never touched the pointer, and the message says which model is still serving.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .common import StepContext, failure_reason, lambda_handler
+from .gate import promoted_pointer
+
+# The order in which the workflow fills the state document; the first missing key after a
+# failure names the step that failed.
+_RESULT_ORDER = (("dataset", "validating the dataset"), ("training", "training"), ("gate", "the quality gate"),
+                 ("registration", "registering the model"), ("promotion", "promoting the model"))
+_SUBJECT_LIMIT = 100  # SNS e-mail subjects
+
+
+def outcome(state: dict[str, Any]) -> str:
+    if state.get("error"):
+        return "failed"
+    if state.get("promotion"):
+        return "promoted"
+    return "rejected"
+
+
+def failed_during(state: dict[str, Any]) -> str:
+    for key, label in _RESULT_ORDER:
+        if key not in state:
+            return label
+    return "notifying"
+
+
+def compose(state: dict[str, Any], serving: str | None) -> tuple[str, str]:
+    run = state.get("run", {})
+    dataset, run_id = run.get("dataset", "?"), run.get("run_id", "?")
+    gate = state.get("gate") or {}
+    kind = outcome(state)
+    serving_line = f"Model in service: {serving}." if serving else "No model has been promoted yet."
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted((gate.get("metrics") or {}).items()))
+    if kind == "promoted":
+        pointer = state["promotion"]["pointer"]
+        subject = f"[cxr] {dataset}: model {pointer['model_version']} promoted"
+        lines = [f"Run {run_id} trained a model on dataset {dataset} that passed the quality gate and now serves predictions.",
+                 f"Model: {pointer['model_version']} ({pointer['model_uri']})",
+                 f"Validation metrics: {metrics}",
+                 f"Previous model: {state['promotion'].get('previous_model_version') or 'none'}"]
+    elif kind == "rejected":
+        subject = f"[cxr] {dataset}: model {gate.get('model_version', '')} rejected"
+        lines = [f"Run {run_id} trained a model on dataset {dataset} that did not pass the quality gate.",
+                 "Reasons: " + "; ".join(gate.get("reasons") or ["none given"]),
+                 f"Validation metrics: {metrics}",
+                 "The model in service is unchanged. " + serving_line]
+    else:
+        reason = failure_reason(state.get("error"))
+        step = failed_during(state)
+        subject = f"[cxr] {dataset}: run failed during {step}"
+        lines = [f"Run {run_id} for dataset {dataset} failed during {step}.",
+                 f"Reason: {reason}"]
+        if state.get("promotion"):
+            lines.append(f"The new model {state['promotion']['pointer']['model_version']} was promoted before the failure.")
+        else:
+            lines.append("The model in service is unchanged. " + serving_line)
+    if state.get("registration", {}).get("model_package_arn"):
+        lines.append(f"Model package: {state['registration']['model_package_arn']}")
+    # SNS subjects: printable ASCII on one line.
+    subject = "".join(c if 32 <= ord(c) < 127 else "?" for c in subject)
+    return subject[:_SUBJECT_LIMIT], "\n".join(lines) + "\n"
+
+
+def run(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+    pointer = promoted_pointer(ctx.clients.ssm, ctx.settings.pointer_parameter)
+    serving = f"{pointer.model_version} ({pointer.model_uri})" if pointer else None
+    subject, message = compose(state, serving)
+    resp = ctx.clients.sns.publish(TopicArn=ctx.settings.topic_arn, Subject=subject, Message=message)
+    return {"outcome": outcome(state), "subject": subject, "message": message, "message_id": resp.get("MessageId")}
+
+
+handler = lambda_handler(run)
