@@ -20,6 +20,7 @@ from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
 from ..config import Config
+from . import output
 
 FIVE_MINUTES = Duration.minutes(5)
 TRAINING_NAMESPACE = "/aws/sagemaker/TrainingJobs"
@@ -59,6 +60,7 @@ class Monitoring(Construct):
             statistic="Maximum", period=FIVE_MINUTES, label="marker events not started")
 
         self.dashboard = cw.Dashboard(self, "Dashboard", dashboard_name=f"{config.stack_name}-overview")
+        output(self, "DashboardName", self.dashboard.dashboard_name)
         self.dashboard.add_widgets(
             cw.GraphWidget(title="API latency (ms)", left=latency, width=8),
             cw.GraphWidget(title="API requests and errors", left=[requests], right=[client_errors, server_errors], width=8),

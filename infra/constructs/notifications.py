@@ -8,6 +8,7 @@ from aws_cdk import aws_sns_subscriptions as subs
 from constructs import Construct
 
 from ..config import Config
+from . import output
 
 
 class Notifications(Construct):
@@ -19,6 +20,7 @@ class Notifications(Construct):
             master_key=key,
             enforce_ssl=True,
         )
+        output(self, "NotificationTopicArn", self.topic.topic_arn)
         if config.notification_email:
             # The address gets a confirmation mail first; nothing is delivered until it is confirmed.
             self.topic.add_subscription(subs.EmailSubscription(config.notification_email))

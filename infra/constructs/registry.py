@@ -8,19 +8,13 @@
 
 from __future__ import annotations
 
-import json
-
 from aws_cdk import Stack
 from aws_cdk import aws_sagemaker as sagemaker
 from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 
 from ..config import Config
-
-# Not a valid pointer on purpose: serving answers 503 "no model promoted yet" until the first
-# promotion. CloudFormation writes this value only when the parameter is created (the template
-# value never changes afterwards), so a redeploy never demotes the promoted model.
-UNPROMOTED = json.dumps({"status": "no model has been promoted yet"})
+from ..functions.common import UNPROMOTED
 
 
 class ModelRegistry(Construct):
@@ -37,6 +31,8 @@ class ModelRegistry(Construct):
             self, "PromotedModel",
             parameter_name=f"/{config.stack_name}/promoted-model",
             description="The model serving uses (shared.pointer.ModelPointer JSON); written by the promote step",
+            # CloudFormation writes this only when it creates the parameter (the template value never
+            # changes afterwards), so a redeploy never demotes the promoted model.
             string_value=UNPROMOTED,
             tier=ssm.ParameterTier.STANDARD,
         )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from aws_cdk import CfnOutput, Duration
+from aws_cdk import Duration
 from aws_cdk import aws_apigateway as apigw
 from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_iam as iam
@@ -27,6 +27,7 @@ from constructs import Construct
 
 from ..config import MODELS_PREFIX, ROOT, Config
 from ..nag import acknowledge, acknowledge_wildcards
+from . import output
 from .lambdas import container_function, log_group
 from .registry import ModelRegistry
 from .storage import Storage
@@ -37,15 +38,12 @@ BINARY_MEDIA_TYPES = ["image/jpeg", "image/png", "application/dicom", "multipart
 # (Docker ignore syntax, applied after the repository's own .dockerignore).
 INFERENCE_CONTEXT_EXCLUDE = [
     "*",
-    "!inference_lambda",
-    "!shared",
-    "!pyproject.toml",
-    "!README.md",
-    "!LICENSE",
+    "!shared/",
+    "!inference_lambda/",
     "**/__pycache__",
     "**/*.pyc",
     "**/.pytest_cache",
-    "**/tests",
+    "**/.ruff_cache",
 ]
 STAGE = "prod"
 
@@ -144,10 +142,10 @@ class Serving(Construct):
         )
         self.usage_plan.add_api_key(self.api_key)
 
-        CfnOutput(self, "ApiUrl", value=self.api.url)
-        CfnOutput(self, "ApiKeyId", value=self.api_key.key_id,
-                  description="aws apigateway get-api-key --include-value --api-key <id> --query value --output text")
-        CfnOutput(self, "InferenceFunctionName", value=self.function.function_name)
+        output(self, "ApiUrl", self.api.url)
+        output(self, "ApiKeyId", self.api_key.key_id,
+               "aws apigateway get-api-key --include-value --api-key <id> --query value --output text")
+        output(self, "InferenceFunctionName", self.function.function_name)
         self._suppressions()
 
     def _suppressions(self) -> None:

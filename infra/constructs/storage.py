@@ -21,6 +21,7 @@ from constructs import Construct
 from ..config import CHECKPOINTS_PREFIX, MODELS_PREFIX, Config
 from ..functions.common import APPROVAL_TAG
 from ..nag import acknowledge
+from . import output
 
 
 class Storage(Construct):
@@ -112,6 +113,9 @@ class Storage(Construct):
             ],
             **common,
         )
+        output(self, "DataBucketName", self.data_bucket.bucket_name, "upload datasets under datasets/<name>/")
+        output(self, "ArtifactsBucketName", self.artifacts_bucket.bucket_name)
+        output(self, "DataKeyArn", self.key.key_arn)
         for bucket in (self.data_bucket, self.artifacts_bucket):
             acknowledge(bucket, [
                 ("HIPAA.Security-S3BucketReplicationEnabled", "Datasets can be re-uploaded and models retrained from "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from aws_cdk import ArnFormat, Aws, CfnMapping, CfnOutput, Duration, Stack, Token
+from aws_cdk import ArnFormat, Aws, CfnMapping, Duration, Stack, Token
 from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
@@ -28,6 +28,7 @@ from .. import training_image
 from ..config import (
     CHECKPOINT_LOCAL_PATH,
     CHECKPOINTS_PREFIX,
+    CODE_PREFIX,
     DATASETS_PREFIX,
     METRIC_DEFINITIONS,
     MODELS_PREFIX,
@@ -38,6 +39,7 @@ from ..functions.common import MARKER_NAME, RUN_ID_PREFIX, Settings
 from ..nag import acknowledge, acknowledge_wildcards
 from ..packaging import build_training_source, stage_functions_context
 from ..pipeline import PIPELINE, TRAINING_RESULT_FIELDS, Pipeline, Step
+from . import output
 from .lambdas import ContainerFunction, container_function, log_group
 from .registry import ModelRegistry
 from .storage import Storage
@@ -110,10 +112,11 @@ class TrainingPipeline(Construct):
         self._trigger()
         self._suppressions()
 
-        CfnOutput(self, "StateMachineArn", value=self.state_machine.state_machine_arn)
-        CfnOutput(self, "TrainingImage", value=self.image_uri)
-        CfnOutput(self, "SageMakerRoleArn", value=self.sagemaker_role.role_arn,
-                  description="for `python -m infra.launch --role`")
+        output(self, "StateMachineArn", self.state_machine.state_machine_arn)
+        output(self, "TrainingImage", self.image_uri)
+        output(self, "SageMakerRoleArn", self.sagemaker_role.role_arn, "the role `python -m infra.launch` passes to jobs")
+        output(self, "PromotedModelParameter", registry.pointer.parameter_name)
+        output(self, "ModelPackageGroup", registry.group_name)
 
     # ------------------------------------------------------------------ training image and role
 
@@ -152,8 +155,10 @@ class TrainingPipeline(Construct):
                                 resources=[artifacts.arn_for_objects(f"{CHECKPOINTS_PREFIX}*")]),
             iam.PolicyStatement(sid="ListCheckpoints", actions=["s3:ListBucket"], resources=[artifacts.bucket_arn],
                                 conditions={"StringLike": {"s3:prefix": [f"{CHECKPOINTS_PREFIX}*"]}}),
+            # The pipeline's code is the CDK asset; `launch` uploads its own copy under code/.
             iam.PolicyStatement(sid="ReadTrainingCode", actions=["s3:GetObject"],
-                                resources=[self.source.bucket.arn_for_objects(self.source.s3_object_key)]),
+                                resources=[self.source.bucket.arn_for_objects(self.source.s3_object_key),
+                                           artifacts.arn_for_objects(f"{CODE_PREFIX}*")]),
             iam.PolicyStatement(sid="UseDataKey", actions=["kms:Decrypt", "kms:GenerateDataKey"], resources=[key.key_arn]),
             iam.PolicyStatement(sid="TrainingLogs",
                                 actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents",
@@ -348,12 +353,12 @@ class TrainingPipeline(Construct):
 
     def _suppressions(self) -> None:
         acknowledge_wildcards(self.sagemaker_role, [
-            r"^Resource::.*/(datasets|models|checkpoints)/\*$",
+            r"^Resource::.*/(datasets|models|checkpoints|code)/\*$",
             r"^Resource::arn:<AWS::Partition>:logs:.*/aws/sagemaker/TrainingJobs:\*$",
             r"^Resource::\*$",
             r"^Resource::arn:<AWS::Partition>:ecr:.*:repository/.*$",
-        ], "Training reads every object under datasets/ and writes under models/ and checkpoints/ of the product's "
-           "own buckets (object names are chosen per run); its log group is SageMaker's fixed "
+        ], "Training reads every object under datasets/ (and its code under code/) and writes under models/ and "
+           "checkpoints/ of the product's own buckets (object names are chosen per run); its log group is SageMaker's fixed "
            "/aws/sagemaker/TrainingJobs; ecr:GetAuthorizationToken and cloudwatch:PutMetricData have no resource-level "
            "permissions (the latter is limited to SageMaker namespaces by condition); the Deep Learning Container "
            "registry account differs between regions.")

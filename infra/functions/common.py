@@ -28,6 +28,9 @@ MODELS_PREFIX = "models/"
 CHECKPOINTS_PREFIX = "checkpoints/"
 APPROVAL_TAG = "cxr-approval"
 RUN_ID_PREFIX = "cxr-"
+# The pointer's value before the first promotion: not a valid ModelPointer on purpose, so serving
+# answers 503 "no model promoted yet" and the gate has nothing to compare with.
+UNPROMOTED = json.dumps({"status": "no model has been promoted yet"})
 _MAX_SLUG = 40
 
 

@@ -39,6 +39,7 @@ def _download(s3: Any, uri: str, dest: Path) -> str:
 
 
 def _open_bundle(s3: Any, uri: str, workdir: Path) -> tuple[Bundle, str]:
+    workdir.mkdir(parents=True, exist_ok=True)
     archive = workdir / ARCHIVE_NAME
     sha = _download(s3, uri, archive)
     return read_bundle(archive, unpack_to=workdir / "bundle"), sha

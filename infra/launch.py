@@ -1,0 +1,199 @@
+"""Start a SageMaker training job by hand, configured exactly like the pipeline's.
+
+::
+
+    python -m infra.launch --dataset s3://<data bucket>/datasets/<name>/ --role <SageMakerRoleArn> [--wait]
+
+Image, framework and Python version, instance type, managed spot, run/wait limits,
+hyperparameters and metric definitions come from :mod:`infra.config` (cdk.json context, the same
+values the stack uses; ``-c key=value`` overrides like ``cdk -c``). The submit directory is the
+same reproducible ``tar.gz`` the stack ships, uploaded under ``code/`` of the artifacts bucket;
+the model lands under ``models/<job>/`` and checkpoints under ``checkpoints/<job>/`` there.
+The dataset is checked with :mod:`shared.dataset` first, as the pipeline's validate step does.
+The job is not gated, registered or promoted: that is the pipeline's work.
+
+``--role`` and ``--artifacts-bucket`` default to the deployed stack's outputs
+(``SageMakerRoleArn``, ``ArtifactsBucketName``, ``DataKeyArn``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import logging
+import os
+import sys
+from typing import Any
+
+from .config import CHECKPOINT_LOCAL_PATH, CHECKPOINTS_PREFIX, CODE_PREFIX, METRIC_DEFINITIONS, MODELS_PREFIX
+from .config import TRAINING_PROGRAM, Config, ConfigError, load
+from .functions.common import DatasetInvalid, StepError, parse_s3_uri, run_id
+from .functions.validate_dataset import channels, list_relpaths
+from .packaging import build_training_source
+
+LOG = logging.getLogger("cxr.launch")
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def stack_outputs(cfn: Any, stack_name: str) -> dict[str, str]:
+    try:
+        stacks = cfn.describe_stacks(StackName=stack_name)["Stacks"]
+    except Exception as exc:  # noqa: BLE001 - any failure means "no deployed stack to read from"
+        LOG.debug("no outputs from stack %s: %s", stack_name, exc)
+        return {}
+    return {o["OutputKey"]: o["OutputValue"] for o in (stacks[0].get("Outputs") or [])} if stacks else {}
+
+
+def dataset_channels(s3: Any, dataset_uri: str) -> tuple[str, list[dict[str, Any]], str]:
+    """(dataset name, SageMaker channels, fingerprint) after the pipeline's layout and manifest checks."""
+    from shared.dataset import MARKER_NAME, DatasetLayoutError, check_manifest, parse_manifest, scan_relpaths
+
+    bucket, key = parse_s3_uri(dataset_uri.rstrip("/") + "/")
+    prefix = key if key.endswith("/") else key + "/"
+    name = prefix.rstrip("/").rsplit("/", 1)[-1]
+    rels = list_relpaths(s3, bucket, prefix)
+    layout = scan_relpaths(rels)
+    try:
+        layout.check()
+    except DatasetLayoutError as exc:
+        raise DatasetInvalid(f"dataset {dataset_uri}: {exc}") from None
+    if MARKER_NAME in rels:
+        manifest = parse_manifest(s3.get_object(Bucket=bucket, Key=prefix + MARKER_NAME)["Body"].read())
+        problems = check_manifest(manifest, layout)
+        if problems:
+            raise DatasetInvalid(f"dataset {dataset_uri} does not match its _READY manifest: " + "; ".join(problems))
+    else:
+        LOG.warning("no %s marker under %s: training on what is there now", MARKER_NAME, dataset_uri)
+    return name, channels(bucket, prefix, layout), layout.fingerprint()
+
+
+def upload_source(s3: Any, bucket: str) -> str:
+    archive = build_training_source()
+    key = f"{CODE_PREFIX}{archive.name}"
+    s3.upload_file(str(archive), bucket, key)
+    return f"s3://{bucket}/{key}"
+
+
+def build_estimator(config: Config, *, role: str, image_uri: str, source_uri: str, artifacts_bucket: str,
+                    job_name: str, session: Any, kms_key: str | None = None,
+                    tags: list[dict[str, str]] | None = None) -> Any:
+    """The SDK estimator for one job; every setting comes from ``config``."""
+    from sagemaker.pytorch import PyTorch
+
+    return PyTorch(
+        entry_point=TRAINING_PROGRAM,
+        source_dir=source_uri,
+        role=role,
+        image_uri=image_uri,
+        framework_version=config.pytorch_version,
+        py_version=config.python_version,
+        instance_type=config.training_instance_type,
+        instance_count=config.training_instance_count,
+        volume_size=config.training_volume_size_gb,
+        use_spot_instances=config.use_spot_instances,
+        max_run=config.max_runtime_seconds,
+        max_wait=config.max_wait_seconds if config.use_spot_instances else None,
+        hyperparameters=config.training_hyperparameters(),
+        metric_definitions=[dict(m) for m in METRIC_DEFINITIONS],
+        enable_sagemaker_metrics=True,
+        checkpoint_s3_uri=f"s3://{artifacts_bucket}/{CHECKPOINTS_PREFIX}{job_name}/",
+        checkpoint_local_path=CHECKPOINT_LOCAL_PATH,
+        output_path=f"s3://{artifacts_bucket}/{MODELS_PREFIX}",
+        output_kms_key=kms_key,
+        environment={"PYTHONUNBUFFERED": "1"},
+        tags=tags,
+        # The pipeline's job has neither; keep the two jobs identical.
+        debugger_hook_config=False,
+        disable_profiler=True,
+        sagemaker_session=session,
+    )
+
+
+def launch(args: argparse.Namespace, *, boto_session: Any = None) -> dict[str, Any]:
+    import boto3
+
+    from . import training_image
+
+    overrides = dict(kv.split("=", 1) for kv in args.context)
+    if args.instance_type:
+        overrides["trainingInstanceType"] = args.instance_type
+    if args.no_spot:
+        overrides["useSpotInstances"] = "false"
+    config = load(overrides)
+    boto_session = boto_session or boto3.Session(region_name=args.region or config.region or None)
+    region = boto_session.region_name
+    if not region:
+        raise LaunchError("no AWS region: pass --region or set AWS_REGION")
+    outputs = stack_outputs(boto_session.client("cloudformation"), config.stack_name)
+    role = args.role or outputs.get("SageMakerRoleArn")
+    artifacts = args.artifacts_bucket or outputs.get("ArtifactsBucketName")
+    kms_key = args.kms_key or outputs.get("DataKeyArn")
+    if not role or not artifacts:
+        raise LaunchError(f"no deployed stack {config.stack_name} to read the role and artifacts bucket from: "
+                          "pass --role and --artifacts-bucket")
+    s3 = boto_session.client("s3")
+    name, input_channels, fingerprint = dataset_channels(s3, args.dataset)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    job_name = args.job_name or run_id(name, f"launch:{stamp}:{hashlib.sha256(os.urandom(8)).hexdigest()}")
+
+    import sagemaker
+    from sagemaker.inputs import TrainingInput
+
+    session = sagemaker.Session(boto_session=boto_session, default_bucket=artifacts)
+    estimator = build_estimator(
+        config, role=role, image_uri=training_image.resolve(config, region), source_uri=upload_source(s3, artifacts),
+        artifacts_bucket=artifacts, job_name=job_name, session=session, kms_key=kms_key,
+        tags=[{"Key": "cxr:dataset", "Value": name}, {"Key": "cxr:run-id", "Value": job_name},
+              {"Key": "cxr:dataset-fingerprint", "Value": fingerprint}])
+    inputs = {c["ChannelName"]: TrainingInput(c["DataSource"]["S3DataSource"]["S3Uri"], input_mode="File")
+              for c in input_channels}
+    estimator.fit(inputs=inputs, job_name=job_name, wait=args.wait, logs="All" if args.wait else None)
+    result = {"job_name": job_name, "region": region,
+              "console": f"https://{region}.console.aws.amazon.com/sagemaker/home?region={region}#/jobs/{job_name}"}
+    if args.wait:
+        desc = session.describe_training_job(job_name)
+        result["status"] = desc["TrainingJobStatus"]
+        result["model_uri"] = desc.get("ModelArtifacts", {}).get("S3ModelArtifacts")
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m infra.launch", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", required=True, help="s3://<data bucket>/datasets/<name>/ (contract 1 layout)")
+    p.add_argument("--role", help="SageMaker execution role ARN (default: the stack's SageMakerRoleArn output)")
+    p.add_argument("--instance-type", help="override trainingInstanceType, e.g. ml.g5.xlarge or ml.m5.xlarge")
+    p.add_argument("--no-spot", action="store_true", help="on-demand capacity instead of managed spot")
+    p.add_argument("--wait", action="store_true", help="stream the job's log and wait for it to end")
+    p.add_argument("--job-name", help="training job name (default: derived from the dataset name)")
+    p.add_argument("--artifacts-bucket", help="default: the stack's ArtifactsBucketName output")
+    p.add_argument("--kms-key", help="KMS key for the model artifacts (default: the stack's DataKeyArn output)")
+    p.add_argument("--region", help="AWS region (default: the AWS CLI's)")
+    p.add_argument("-c", "--context", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a cdk.json context value, as with cdk -c (repeatable)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
+    args = build_parser().parse_args(argv)
+    bad = [kv for kv in args.context if "=" not in kv]
+    if bad:
+        print(f"launch: -c expects KEY=VALUE, got {bad[0]!r}", file=sys.stderr)
+        return 2
+    try:
+        result = launch(args)
+    except (LaunchError, ConfigError, StepError) as exc:
+        print(f"launch: {exc}", file=sys.stderr)
+        return 1
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    return 0 if not args.wait or result.get("status") == "Completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
