@@ -1,0 +1,115 @@
+"""`python -m infra.launch` under moto: the CreateTrainingJob it sends matches the pipeline's config."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+boto3 = pytest.importorskip("boto3")
+moto = pytest.importorskip("moto")
+pytest.importorskip("sagemaker")
+
+from infra import launch  # noqa: E402
+from infra.config import METRIC_DEFINITIONS, TRAINING_PROGRAM, load  # noqa: E402
+
+REGION = "us-east-1"
+DATA, ARTIFACTS = "cxr-data-launch", "cxr-artifacts-launch"
+ROLE = "arn:aws:iam::123456789012:role/cxr-sagemaker"
+SAMPLE_LINE = "epoch=3 train_loss=0.1234 val_loss=0.2345 val_auc=0.9876 val_acc=0.9500 lr=0.000100"
+
+
+@pytest.fixture
+def aws(monkeypatch):
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("SAGEMAKER_VALIDATE_ROLE", "false")
+    monkeypatch.setenv("SAGEMAKER_TELEMETRY_OPT_OUT", "true")
+    monkeypatch.setenv("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
+    with moto.mock_aws():
+        session = boto3.Session(region_name=REGION)
+        s3 = session.client("s3")
+        for bucket in (DATA, ARTIFACTS):
+            s3.create_bucket(Bucket=bucket)
+        for cls, n in (("NORMAL", 2), ("PNEUMONIA", 3)):
+            for i in range(n):
+                s3.put_object(Bucket=DATA, Key=f"datasets/demo/train/{cls}/IM-{i:04d}-0001.jpeg", Body=b"x")
+        yield session
+
+
+def run_launch(session, *argv):
+    args = launch.build_parser().parse_args(["--dataset", f"s3://{DATA}/datasets/demo/", "--role", ROLE,
+                                             "--artifacts-bucket", ARTIFACTS, *argv])
+    sent = []
+    original_client = session.client
+
+    def client(name, *a, **kw):
+        c = original_client(name, *a, **kw)
+        if name == "sagemaker":
+            c.meta.events.register("provide-client-params.sagemaker.CreateTrainingJob",
+                                   lambda params, **_: sent.append(json.loads(json.dumps(params, default=str))))
+        return c
+
+    session.client = client
+    result = launch.launch(args, boto_session=session)
+    assert len(sent) == 1
+    return result, sent[0], original_client("sagemaker").describe_training_job(TrainingJobName=result["job_name"])
+
+
+def test_launch_sends_the_pipeline_configuration(aws):
+    config = load()
+    result, request, job = run_launch(aws)
+    name = result["job_name"]
+    assert name.startswith("cxr-demo-")
+
+    hp = {k: json.loads(v) for k, v in request["HyperParameters"].items()}
+    for key, value in config.training_hyperparameters().items():
+        assert hp[key] == value
+    assert hp["sagemaker_program"] == TRAINING_PROGRAM
+    assert hp["sagemaker_submit_directory"].startswith(f"s3://{ARTIFACTS}/code/training-source-")
+    assert hp["sagemaker_region"] == REGION
+
+    algo = request["AlgorithmSpecification"]
+    assert algo["MetricDefinitions"] == [dict(m) for m in METRIC_DEFINITIONS]
+    assert algo["TrainingImage"].endswith(f"pytorch-training:{config.pytorch_version}-gpu-{config.python_version}")
+    assert algo["EnableSageMakerMetricsTimeSeries"] is True
+
+    assert request["EnableManagedSpotTraining"] is True
+    assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": config.max_runtime_seconds,
+                                            "MaxWaitTimeInSeconds": config.max_wait_seconds}
+    assert request["CheckpointConfig"] == {"S3Uri": f"s3://{ARTIFACTS}/checkpoints/{name}/",
+                                           "LocalPath": "/opt/ml/checkpoints"}
+    assert request["ResourceConfig"]["InstanceType"] == config.training_instance_type
+    assert request["OutputDataConfig"]["S3OutputPath"] == f"s3://{ARTIFACTS}/models/"
+    assert [c["ChannelName"] for c in request["InputDataConfig"]] == ["train"]
+    assert {"Key": "cxr:dataset", "Value": "demo"} in request["Tags"]
+
+    # moto records the job as sent
+    assert job["EnableManagedSpotTraining"] is True
+    assert job["CheckpointConfig"]["S3Uri"] == f"s3://{ARTIFACTS}/checkpoints/{name}/"
+    assert json.loads(job["HyperParameters"]["epochs"]) == config.training_hyperparameters()["epochs"]
+    assert job["StoppingCondition"]["MaxWaitTimeInSeconds"] >= job["StoppingCondition"]["MaxRuntimeInSeconds"]
+    # the submit directory it names exists and is the reproducible archive
+    bucket, key = hp["sagemaker_submit_directory"][5:].split("/", 1)
+    assert aws.client("s3").head_object(Bucket=bucket, Key=key)["ContentLength"] > 0
+
+
+def test_launch_overrides_instance_type_and_spot(aws):
+    _, request, _ = run_launch(aws, "--instance-type", "ml.m5.xlarge", "--no-spot", "-c", "maxRuntimeSeconds=600")
+    assert request["ResourceConfig"]["InstanceType"] == "ml.m5.xlarge"
+    assert "-cpu-" in request["AlgorithmSpecification"]["TrainingImage"]
+    assert not request.get("EnableManagedSpotTraining")
+    assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 600}
+
+
+def test_launch_refuses_a_dataset_missing_a_class(aws):
+    aws.client("s3").put_object(Bucket=DATA, Key="datasets/half/train/NORMAL/IM-0001-0001.jpeg", Body=b"x")
+    args = launch.build_parser().parse_args(["--dataset", f"s3://{DATA}/datasets/half", "--role", ROLE,
+                                             "--artifacts-bucket", ARTIFACTS])
+    with pytest.raises(launch.DatasetInvalid, match="PNEUMONIA"):
+        launch.launch(args, boto_session=aws)
+
+
+def test_metric_definitions_match_the_training_log_line():
+    found = {m["Name"]: float(re.search(m["Regex"], SAMPLE_LINE).group(1)) for m in METRIC_DEFINITIONS}
+    assert found == {"train_loss": 0.1234, "val_loss": 0.2345, "val_auc": 0.9876, "val_acc": 0.95, "lr": 0.0001}

@@ -1,0 +1,458 @@
+"""The synthesized stack: storage, trigger, state machine, training job, API, function, alarms,
+IAM scope and cdk-nag, asserted on the CloudFormation template and the cloud assembly.
+
+The stack is synthesized once per session (jsii synthesis is slow); cdk-nag runs inside that
+synthesis as CDK policy-validation plugins, so a finding without an acknowledgment fails the fixture.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
+cdk = pytest.importorskip("aws_cdk")
+cdk_nag = pytest.importorskip("cdk_nag")
+
+from aws_cdk.assertions import Annotations, Match, Template  # noqa: E402
+
+from infra.app import build_app  # noqa: E402
+from infra.config import METRIC_DEFINITIONS, ROOT, TRAINING_PROGRAM, ConfigError, load  # noqa: E402
+from infra.constructs.serving import BINARY_MEDIA_TYPES, INFERENCE_DOCKERFILE  # noqa: E402
+from infra.packaging import build_training_source  # noqa: E402
+from infra.pipeline import PIPELINE, STEPS  # noqa: E402
+
+SAMPLE_LINE = "epoch=3 train_loss=0.1234 val_loss=0.2345 val_auc=0.9876 val_acc=0.9500 lr=0.000100"
+
+
+def _source_root(tmp_path_factory) -> Path:
+    """The repository, or a copy with a placeholder inference Dockerfile while none exists yet."""
+    if (ROOT / INFERENCE_DOCKERFILE).is_file():
+        return ROOT
+    root = tmp_path_factory.mktemp("source-root")
+    for folder in ("shared", "inference_lambda"):
+        if (ROOT / folder).is_dir():
+            shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "inference_lambda").mkdir(exist_ok=True)
+    (root / INFERENCE_DOCKERFILE).write_text("FROM public.ecr.aws/lambda/python:3.12\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthesized(tmp_path_factory):
+    outdir = tmp_path_factory.mktemp("cdk.out")
+    app, stack = build_app(outdir=str(outdir), source_root=_source_root(tmp_path_factory))
+    assembly = app.synth()  # raises on any unacknowledged cdk-nag finding
+    artifact = assembly.get_stack_by_name(stack.stack_name)
+    return {"app": app, "stack": stack, "outdir": Path(outdir), "template": artifact.template}
+
+
+@pytest.fixture(scope="session")
+def template(synthesized) -> Template:
+    return Template.from_json(synthesized["template"])
+
+
+@pytest.fixture(scope="session")
+def resources(synthesized) -> dict:
+    return synthesized["template"]["Resources"]
+
+
+def of_type(resources: dict, kind: str) -> dict:
+    return {k: v for k, v in resources.items() if v["Type"] == kind}
+
+
+def flatten(value) -> str:
+    """A CloudFormation string with its tokens replaced by TOKEN (for parsing and matching)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and "Fn::Join" in value:
+        sep, parts = value["Fn::Join"]
+        return sep.join(flatten(p) for p in parts)
+    if isinstance(value, dict) and isinstance(value.get("Fn::Sub"), str):
+        return value["Fn::Sub"]
+    return "TOKEN"
+
+
+def find_logical_id(resources: dict, kind: str, path_fragment: str) -> str:
+    ids = [k for k, v in of_type(resources, kind).items() if path_fragment in k]
+    assert len(ids) == 1, (kind, path_fragment, ids)
+    return ids[0]
+
+
+# ---------------------------------------------------------------- storage
+
+
+def test_three_buckets_private_encrypted_versioned(resources):
+    buckets = of_type(resources, "AWS::S3::Bucket")
+    assert len(buckets) == 3
+    for name, bucket in buckets.items():
+        props = bucket["Properties"]
+        assert props["PublicAccessBlockConfiguration"] == {"BlockPublicAcls": True, "BlockPublicPolicy": True,
+                                                           "IgnorePublicAcls": True, "RestrictPublicBuckets": True}
+        assert props["VersioningConfiguration"] == {"Status": "Enabled"}
+        sse = props["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]["ServerSideEncryptionByDefault"]
+        if "AccessLogs" in name:
+            assert sse == {"SSEAlgorithm": "AES256"}  # the only encryption S3 log delivery accepts
+        else:
+            assert sse["SSEAlgorithm"] == "aws:kms" and "KMSMasterKeyID" in sse
+            assert props["LoggingConfiguration"]["DestinationBucketName"] == {"Ref": find_logical_id(resources, "AWS::S3::Bucket", "AccessLogs")}
+        assert bucket["DeletionPolicy"] == "Retain"
+
+
+def test_every_bucket_policy_denies_plain_http(resources):
+    policies = of_type(resources, "AWS::S3::BucketPolicy")
+    assert len(policies) == 3
+    for policy in policies.values():
+        statements = policy["Properties"]["PolicyDocument"]["Statement"]
+        assert any(s["Effect"] == "Deny" and s["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+                   for s in statements)
+
+
+def test_lifecycle_rules(resources):
+    artifacts = resources[find_logical_id(resources, "AWS::S3::Bucket", "StorageArtifacts")]["Properties"]
+    rules = {r["Id"]: r for r in artifacts["LifecycleConfiguration"]["Rules"]}
+    cfg = load()
+    assert rules["ExpireCheckpoints"]["Prefix"] == "checkpoints/"
+    assert rules["ExpireCheckpoints"]["ExpirationInDays"] == cfg.checkpoint_expiration_days
+    assert rules["ExpireRejectedModels"]["Prefix"] == "models/"
+    assert rules["ExpireRejectedModels"]["TagFilters"] == [{"Key": "cxr-approval", "Value": "Rejected"}]
+    assert rules["ExpireRejectedModels"]["ExpirationInDays"] == cfg.rejected_model_expiration_days
+    assert rules["ExpireNoncurrentVersions"]["NoncurrentVersionExpiration"]["NoncurrentDays"] == \
+        cfg.noncurrent_version_expiration_days
+    data = resources[find_logical_id(resources, "AWS::S3::Bucket", "StorageData")]["Properties"]
+    assert {r["Id"] for r in data["LifecycleConfiguration"]["Rules"]} >= {"ExpireNoncurrentVersions", "AbortIncompleteUploads"}
+
+
+def test_data_bucket_sends_events_to_eventbridge(resources):
+    data = resources[find_logical_id(resources, "AWS::S3::Bucket", "StorageData")]["Properties"]
+    assert data["NotificationConfiguration"] == {"EventBridgeConfiguration": {"EventBridgeEnabled": True}}
+    assert not of_type(resources, "Custom::S3BucketNotifications")
+
+
+# ---------------------------------------------------------------- trigger
+
+
+def test_rule_matches_only_dataset_markers(resources):
+    rules = of_type(resources, "AWS::Events::Rule")
+    assert len(rules) == 1
+    rule = next(iter(rules.values()))["Properties"]
+    pattern = rule["EventPattern"]
+    assert pattern["source"] == ["aws.s3"]
+    assert pattern["detail-type"] == ["Object Created"]
+    assert pattern["detail"]["bucket"]["name"] == [{"Ref": find_logical_id(resources, "AWS::S3::Bucket", "StorageData")}]
+    [key_filter] = pattern["detail"]["object"]["key"]
+    wildcard = key_filter["wildcard"]
+    assert wildcard.startswith("datasets/") and wildcard.endswith("/_READY")
+    # EventBridge's * matches any characters, like fnmatch's
+    assert fnmatch.fnmatchcase("datasets/kaggle/_READY", wildcard)
+    for key in ("datasets/kaggle/train/NORMAL/IM-0001-0001.jpeg", "datasets/kaggle/_READY.tmp", "other/x/_READY"):
+        assert not fnmatch.fnmatchcase(key, wildcard)
+    [target] = rule["Targets"]
+    assert target["Arn"]["Fn::GetAtt"][0].startswith("TrainingStarterFunction")
+    assert "DeadLetterConfig" in target and target["RetryPolicy"]["MaximumRetryAttempts"] > 0
+
+
+# ---------------------------------------------------------------- state machine
+
+
+@pytest.fixture(scope="session")
+def definition(resources) -> dict:
+    [machine] = of_type(resources, "AWS::StepFunctions::StateMachine").values()
+    return json.loads(flatten(machine["Properties"]["DefinitionString"]))
+
+
+def main_line(definition: dict) -> list[str]:
+    order, name = [], definition["StartAt"]
+    while name:
+        state = definition["States"][name]
+        order.append(name)
+        if state["Type"] == "Choice":
+            name = state["Choices"][0]["Next"]
+        else:
+            name = state.get("Next")
+    return order
+
+
+def test_state_machine_follows_the_step_list(definition):
+    assert main_line(definition) == [s.name for s in STEPS] + ["RunSucceeded"]
+    states = definition["States"]
+    choice = states["IsApproved"]
+    assert choice["Choices"][0]["Variable"] == "$.gate.approved" and choice["Choices"][0]["BooleanEquals"] is True
+    assert choice["Default"] == "NotifyRejected"
+    assert states["NotifyRejected"]["Next"] == "RunEndedWithoutPromotion"
+    assert states["NotifyFailure"]["Next"] == "RunFailed" and states["RunFailed"]["Type"] == "Fail"
+    for step in (*STEPS, *PIPELINE.branches.values()):
+        if step.kind == "choice":
+            continue
+        state = states[step.name]
+        assert state["ResultPath"] == f"$.{step.result_key}"
+        assert state["Catch"] == [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "NotifyFailure"}]
+
+
+def test_training_step_is_a_sync_sagemaker_job(definition):
+    train = definition["States"]["TrainModel"]
+    assert train["Resource"].endswith(":states:::sagemaker:createTrainingJob.sync")
+    p = train["Parameters"]
+    cfg = load()
+    assert p["TrainingJobName.$"] == "$.run.job_name"
+    assert p["InputDataConfig.$"] == "$.dataset.channels"
+    assert p["EnableManagedSpotTraining"] is True
+    stop = p["StoppingCondition"]
+    assert stop["MaxRuntimeInSeconds"] == cfg.max_runtime_seconds
+    assert stop["MaxWaitTimeInSeconds"] >= stop["MaxRuntimeInSeconds"]
+    assert p["CheckpointConfig"] == {"S3Uri.$": "$.run.checkpoint_uri", "LocalPath": "/opt/ml/checkpoints"}
+    assert p["ResourceConfig"]["InstanceType"] == "ml.g4dn.xlarge"
+    assert p["OutputDataConfig"]["S3OutputPath"].endswith("/models/")
+    hp = p["HyperParameters"]
+    assert hp["sagemaker_program"] == TRAINING_PROGRAM == "training_job/train.py"
+    assert re.fullmatch(r"s3://cdk-[a-z0-9]+-assets-<AWS::AccountId>-<AWS::Region>/[0-9a-f]{64}\.(tar\.)?gz",  # a gzipped tar whatever its suffix
+                        hp["sagemaker_submit_directory"].replace("${", "<").replace("}", ">")), hp["sagemaker_submit_directory"]
+    assert "sagemaker_region" in hp
+    for key, value in cfg.training_hyperparameters().items():
+        assert hp[key] == value and isinstance(hp[key], str)
+    assert {"Key": "cxr:dataset", "Value.$": "$.run.dataset_tag"} in p["Tags"]
+    algo = p["AlgorithmSpecification"]
+    assert algo["EnableSageMakerMetricsTimeSeries"] is True
+    assert algo["MetricDefinitions"] == [dict(m) for m in METRIC_DEFINITIONS]
+
+
+def test_metric_definitions_parse_the_epoch_line(definition):
+    metrics = definition["States"]["TrainModel"]["Parameters"]["AlgorithmSpecification"]["MetricDefinitions"]
+    values = {m["Name"]: float(re.search(m["Regex"], SAMPLE_LINE).group(1)) for m in metrics}
+    assert values["train_loss"] == 0.1234 and values["val_loss"] == 0.2345
+    assert values["val_auc"] == 0.9876 and values["val_acc"] == 0.95
+    # a name never matches inside a longer one
+    assert re.search(next(m["Regex"] for m in metrics if m["Name"] == "val_loss"), "train_loss=0.5") is None
+
+
+def test_env_agnostic_template_maps_the_training_image_per_region(resources, synthesized):
+    mappings = synthesized["template"].get("Mappings", {})
+    [table] = [m for k, m in mappings.items() if k.startswith("TrainingTrainingImageByRegion")]
+    assert table["eu-west-1"]["uri"] == "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:2.8.0-gpu-py312"
+
+
+def test_state_machine_logs_everything_and_traces(resources):
+    [machine] = of_type(resources, "AWS::StepFunctions::StateMachine").values()
+    props = machine["Properties"]
+    assert props["LoggingConfiguration"]["Level"] == "ALL"
+    assert props["TracingConfiguration"] == {"Enabled": True}
+
+
+def test_registry_and_pointer(resources):
+    [group] = of_type(resources, "AWS::SageMaker::ModelPackageGroup").values()
+    assert group["Properties"]["ModelPackageGroupName"] == "CxrPneumonia-models"
+    [param] = of_type(resources, "AWS::SSM::Parameter").values()
+    assert param["Properties"]["Name"] == "/CxrPneumonia/promoted-model"
+
+
+# ---------------------------------------------------------------- serving
+
+
+def test_api_binary_types_key_and_throttling(resources, template):
+    cfg = load()
+    [api] = of_type(resources, "AWS::ApiGateway::RestApi").values()
+    assert api["Properties"]["BinaryMediaTypes"] == BINARY_MEDIA_TYPES
+    methods = of_type(resources, "AWS::ApiGateway::Method")
+    by_verb = {}
+    for logical_id, m in methods.items():
+        by_verb.setdefault(m["Properties"]["HttpMethod"], []).append((logical_id, m["Properties"]))
+    [(post_id, post)] = by_verb["POST"]
+    assert "predict" in post_id.lower() and post["ApiKeyRequired"] is True
+    assert post["Integration"]["Type"] == "AWS_PROXY"
+    assert len(by_verb["GET"]) == 2 and not any(p.get("ApiKeyRequired") for _, p in by_verb["GET"])
+    template.has_resource_properties("AWS::ApiGateway::UsagePlan", {
+        "Throttle": {"RateLimit": cfg.api_throttle_rate_limit, "BurstLimit": cfg.api_throttle_burst_limit},
+        "Quota": {"Limit": cfg.api_quota_limit, "Period": cfg.api_quota_period},
+    })
+    template.resource_count_is("AWS::ApiGateway::UsagePlanKey", 1)
+    template.has_resource_properties("AWS::ApiGateway::Stage", {
+        "TracingEnabled": True,
+        "AccessLogSetting": Match.object_like({"DestinationArn": Match.any_value()}),
+        "MethodSettings": Match.array_with([Match.object_like({
+            "HttpMethod": "*", "ResourcePath": "/*", "ThrottlingRateLimit": cfg.api_throttle_rate_limit,
+            "ThrottlingBurstLimit": cfg.api_throttle_burst_limit, "DataTraceEnabled": False, "LoggingLevel": "ERROR"})]),
+    })
+
+
+def test_gateway_errors_use_the_api_error_shape(resources):
+    responses = of_type(resources, "AWS::ApiGateway::GatewayResponse")
+    assert {r["Properties"]["ResponseType"] for r in responses.values()} == {"DEFAULT_4XX", "DEFAULT_5XX"}
+    for r in responses.values():
+        assert '"error": {"code"' in r["Properties"]["ResponseTemplates"]["application/json"]
+
+
+def test_inference_function_is_the_container_image(resources, synthesized):
+    cfg = load()
+    fns = of_type(resources, "AWS::Lambda::Function")
+    [(_, inference)] = [(k, v) for k, v in fns.items() if k.startswith("ServingInferenceFunction")]
+    props = inference["Properties"]
+    assert props["PackageType"] == "Image"
+    assert props["MemorySize"] == cfg.inference_memory_mb and props["Timeout"] == cfg.inference_timeout_seconds
+    env = props["Environment"]["Variables"]
+    assert env["MODEL_URI"] == {"Fn::Join": ["", ["ssm:", {"Ref": find_logical_id(resources, "AWS::SSM::Parameter", "Registry")}]]}
+    assert env["POWERTOOLS_METRICS_NAMESPACE"] == cfg.metrics_namespace
+    assets = json.loads((synthesized["outdir"] / f"{synthesized['stack'].stack_name}.assets.json").read_text())
+    images = [a["source"] for a in assets["dockerImages"].values()]
+    inference_assets = [s for s in images if s.get("dockerFile") == INFERENCE_DOCKERFILE]
+    assert len(inference_assets) == 1
+    staged = synthesized["outdir"] / inference_assets[0]["directory"]
+    assert (staged / INFERENCE_DOCKERFILE).is_file() and (staged / "shared" / "bundle.py").is_file()
+    for absent in (".venv", ".git", "node_modules", "tests", "training_job", "infra", "cdk.out"):
+        assert not (staged / absent).exists(), absent
+    assert inference_assets[0].get("platform") == "linux/amd64"
+
+
+def test_pipeline_functions_share_one_image_with_their_own_handlers(resources, synthesized):
+    fns = {k: v["Properties"] for k, v in of_type(resources, "AWS::Lambda::Function").items()
+           if k.startswith("Training")}
+    commands = sorted(p["ImageConfig"]["Command"][0] for p in fns.values())
+    assert commands == sorted(f"infra.functions.{m}.handler" for m in ["starter", *PIPELINE.lambda_modules()])
+    assets = json.loads((synthesized["outdir"] / f"{synthesized['stack'].stack_name}.assets.json").read_text())
+    sources = [a["source"] for a in assets["dockerImages"].values() if a["source"].get("dockerFile") != INFERENCE_DOCKERFILE]
+    assert len({s["directory"] for s in sources}) == 1
+
+
+def test_training_source_is_a_tarball_file_asset(synthesized):
+    assets = json.loads((synthesized["outdir"] / f"{synthesized['stack'].stack_name}.assets.json").read_text())
+    files = [a["source"] for a in assets["files"].values() if a["source"]["path"].endswith(".tar.gz")]
+    assert len(files) == 1 and files[0]["packaging"] == "file"
+    with tarfile.open(synthesized["outdir"] / files[0]["path"]) as tar:
+        names = tar.getnames()
+        assert all(m.mtime == 0 and m.uid == 0 for m in tar.getmembers())
+    assert {"training_job/train.py", "shared/bundle.py", "shared/dataset.py", "requirements.txt"} <= set(names)
+    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+    assert names == sorted(names)
+
+
+def test_training_source_is_reproducible(tmp_path):
+    first = build_training_source(tmp_path / "a")
+    second = build_training_source(tmp_path / "b")
+    assert first.name == second.name and first.read_bytes() == second.read_bytes()
+
+
+# ---------------------------------------------------------------- monitoring
+
+
+def test_alarms_page_the_topic(resources):
+    alarms = of_type(resources, "AWS::CloudWatch::Alarm")
+    topic = find_logical_id(resources, "AWS::SNS::Topic", "Notifications")
+    assert len(alarms) == 4
+    for alarm in alarms.values():
+        assert alarm["Properties"]["AlarmActions"] == [{"Ref": topic}]
+    joined = " ".join(alarms)
+    for fragment in ("InferenceErrors", "Api5xx", "TrainingRunsFailed", "MarkersNotStarted"):
+        assert fragment in joined
+    metrics = set()
+    for alarm in alarms.values():
+        props = alarm["Properties"]
+        metrics.add(props.get("MetricName"))
+        metrics.update(m.get("MetricStat", {}).get("Metric", {}).get("MetricName") for m in props.get("Metrics", []))
+    assert {"Errors", "5XXError", "ExecutionsFailed", "ApproximateNumberOfMessagesVisible"} <= metrics
+
+
+def test_dashboard_covers_serving_and_training(resources):
+    [dashboard] = of_type(resources, "AWS::CloudWatch::Dashboard").values()
+    body = flatten(dashboard["Properties"]["DashboardBody"])
+    for needle in ('"Latency"', "p50", "p90", "p99", "4XXError", "5XXError", '"Duration"', '"Throttles"', '"ColdStart"',
+                   "ExecutionsFailed", "ExecutionsSucceeded", "/aws/sagemaker/TrainingJobs", "val_auc"):
+        assert needle in body, needle
+
+
+# ---------------------------------------------------------------- IAM
+
+
+def policy_statements(resources):
+    for logical_id, policy in of_type(resources, "AWS::IAM::Policy").items():
+        for statement in policy["Properties"]["PolicyDocument"]["Statement"]:
+            yield logical_id, statement
+
+
+def as_list(x):
+    return x if isinstance(x, list) else [x]
+
+
+def test_no_wildcard_actions_anywhere(resources):
+    for logical_id, statement in policy_statements(resources):
+        for action in as_list(statement["Action"]):
+            assert "*" not in action, (logical_id, action)
+
+
+def test_sagemaker_role_reads_datasets_and_writes_only_its_prefixes(resources):
+    role = find_logical_id(resources, "AWS::IAM::Role", "SageMakerExecutionRole")
+    data = find_logical_id(resources, "AWS::S3::Bucket", "StorageData")
+    artifacts = find_logical_id(resources, "AWS::S3::Bucket", "StorageArtifacts")
+    statements = [s for lid, s in policy_statements(resources) if lid.startswith(role.replace("Role", "RoleDefaultPolicy")[:30])
+                  or lid.startswith("TrainingSageMakerExecutionRoleDefaultPolicy")]
+    assert statements
+    writes, reads = set(), set()
+    for s in statements:
+        for action in as_list(s["Action"]):
+            if not action.startswith("s3:"):
+                continue
+            for resource in as_list(s["Resource"]):
+                flat = json.dumps(resource)
+                if action == "s3:PutObject":
+                    writes.add(flat)
+                elif action == "s3:GetObject" and data in flat:
+                    reads.add(flat)
+    assert writes == {json.dumps({"Fn::Join": ["", [{"Fn::GetAtt": [artifacts, "Arn"]}, f"/{p}/*"]]})
+                      for p in ("models", "checkpoints")}
+    assert reads == {json.dumps({"Fn::Join": ["", [{"Fn::GetAtt": [data, "Arn"]}, "/datasets/*"]]})}
+
+
+def test_inference_function_reads_only_models_and_the_pointer(resources):
+    statements = [s for lid, s in policy_statements(resources) if lid.startswith("ServingInferenceFunctionRole")]
+    actions = sorted(a for s in statements for a in as_list(s["Action"]))
+    assert actions == ["kms:Decrypt", "logs:CreateLogStream", "logs:PutLogEvents", "s3:GetObject", "ssm:GetParameter"]
+    [s3_statement] = [s for s in statements if s["Action"] == "s3:GetObject"]
+    assert flatten(s3_statement["Resource"]).endswith("/models/*")
+
+
+# ---------------------------------------------------------------- cdk-nag
+
+
+def test_cdk_nag_has_no_unacknowledged_findings(synthesized):
+    report = json.loads((synthesized["outdir"] / "validation-report.json").read_text())
+    assert report["pluginReports"] == []
+    for pack in (cdk_nag.AwsSolutionsChecks(), cdk_nag.HIPAASecurityChecks()):
+        result = pack.validate_scope(synthesized["app"])
+        assert result.success, [(v.rule_name, [r.construct_path for r in v.violating_resources]) for v in result.violations]
+    annotations = Annotations.from_stack(synthesized["stack"])
+    assert annotations.find_error("*", Match.any_value()) == []
+    assert annotations.find_warning("*", Match.any_value()) == []
+
+
+def test_every_acknowledgment_carries_a_product_specific_reason(synthesized):
+    key = cdk.Validations.ACKNOWLEDGED_RULES_METADATA_KEY
+    seen = 0
+    for construct in synthesized["app"].node.find_all():
+        for entry in construct.node.metadata:
+            if entry.type != key:
+                continue
+            for rule, reason in entry.data.items():
+                seen += 1
+                text = reason if isinstance(reason, str) else json.dumps(reason)
+                assert len(text) >= 60, (construct.node.path, rule, text)
+    assert seen >= 10
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_context_strings_are_converted_and_checked():
+    cfg = load({"useSpotInstances": "false", "maxRuntimeSeconds": "3600", "gateThresholds": '{"roc_auc": 0.8}',
+                "corsAllowOrigins": "https://a.example, https://b.example"})
+    assert cfg.use_spot_instances is False and cfg.max_runtime_seconds == 3600
+    assert cfg.gate_thresholds == {"roc_auc": 0.8}
+    assert cfg.cors_allow_origins == ["https://a.example", "https://b.example"]
+    with pytest.raises(ConfigError, match="maxWaitSeconds"):
+        load({"maxRuntimeSeconds": "20000", "maxWaitSeconds": "10000"})
+    with pytest.raises(ConfigError, match="sagemaker_"):
+        load({"hyperparameters": '{"sagemaker_program": "x.py"}'})
