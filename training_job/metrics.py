@@ -44,25 +44,30 @@ def choose_threshold(y_true: np.ndarray, p_pos: np.ndarray, target_sensitivity: 
     """The decision threshold, from validation data only.
 
     With ``target_sensitivity`` > 0: the highest threshold whose sensitivity reaches the target
-    (the most specific operating point that still finds that share of pneumonia cases). Otherwise
-    the point of the ROC curve maximising Youden's J (sensitivity + specificity - 1).
-    A threshold sits halfway between neighbouring scores so it does not hinge on one image.
+    (the most specific operating point that still finds that share of pneumonia cases).
+
+    Otherwise Youden's J (sensitivity + specificity - 1), made robust: a good model leaves a wide
+    plateau of thresholds whose J is within one validation case of the best, and the plain
+    arg-max sits at whichever edge a single borderline image decides. The threshold is the median
+    of that plateau, so it does not hinge on one image.
     """
     y = np.asarray(y_true).astype(int)
     p = np.asarray(p_pos, dtype=np.float64)
-    if len(set(y.tolist())) < 2:
+    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    if n_pos == 0 or n_neg == 0:
         return 0.5
-    fpr, tpr, thr = roc_curve(y, p)
+    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
     thr = np.where(np.isfinite(thr), thr, 1.0)
     if target_sensitivity > 0:
-        ok = np.flatnonzero(tpr >= target_sensitivity)
-        i = int(ok[0])
+        i = int(np.flatnonzero(tpr >= target_sensitivity)[0])
+        t = float(thr[i])
+        lower = p[p < t]
+        t = (t + float(lower.max())) / 2.0 if lower.size else t
     else:
-        i = int(np.argmax(tpr - fpr))
-    t = float(thr[i])
-    lower = p[p < t]
-    if lower.size:
-        t = (t + float(lower.max())) / 2.0
+        j = tpr - fpr
+        tol = max(1.0 / n_pos, 1.0 / n_neg) + 1e-12
+        plateau = np.sort(thr[j >= j.max() - tol])
+        t = float(np.median(plateau))
     return float(min(max(t, 1e-6), 1 - 1e-6))
 
 
