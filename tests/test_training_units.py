@@ -62,3 +62,13 @@ def test_augmentation_keeps_shape_range_and_is_seeded():
     out2 = a(x, torch.Generator().manual_seed(3))
     assert out1.shape == x.shape and float(out1.min()) >= 0 and float(out1.max()) <= 255
     assert torch.equal(out1, out2) and not torch.equal(out1, x)
+
+
+def test_recipe_sets_defaults_and_flags_override():
+    from conftest import DATA_224
+    from training_job.train import parse_args
+
+    gpu = parse_args(["--train", str(DATA_224 / "train"), "--recipe", "gpu", "--epochs", "3"])
+    assert (gpu.architecture, gpu.image_size, gpu.epochs) == ("resnet18", 224, 3)
+    cpu = parse_args(["--train", str(DATA_224 / "train")])
+    assert cpu.recipe == "cpu" and cpu.architecture != "resnet18"

@@ -47,6 +47,7 @@ from training_job import data as D
 from training_job.export import ExportError, write_model_bundle
 from training_job.metrics import choose_threshold, fit_temperature, metrics_at_threshold
 from training_job.models import ARCHITECTURES, build_model
+from training_job.recipes import RECIPES
 from training_job.report import write_json, write_report
 
 CHECKPOINT_VERSION = 1
@@ -127,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--calibrate", type=_bool, default=True, help="fit a softmax temperature on validation")
 
     r = p.add_argument_group("run")
+    r.add_argument("--recipe", default="cpu", choices=tuple(RECIPES),
+                   help="a named set of defaults (training_job/recipes.py); other flags override it")
     r.add_argument("--limit-per-class", type=int, default=0, help="use at most this many images per class (quick runs)")
     r.add_argument("--workers", type=int, default=4, help="decoding threads")
     r.add_argument("--processes-per-host", type=int, default=0,
@@ -143,7 +146,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             key, eq, val = tok[2:].partition("=")
             tok = "--" + key.replace("_", "-") + eq + val
         norm.append(tok)
-    args = build_parser().parse_args(norm)
+    parser = build_parser()
+    recipe, _ = parser.parse_known_args(norm)
+    parser.set_defaults(**RECIPES[recipe.recipe])
+    args = parser.parse_args(norm)
     if args.epochs < 1:
         raise TrainingError(f"epochs must be at least 1 (got {args.epochs}): a zero-epoch run cannot produce a model")
     if args.batch_size < 2:
