@@ -79,7 +79,8 @@ def table(rows: list[dict]) -> str:
         body += (f"| {r['name']} | {r['wall_seconds'] / 60:.1f} | {r['val'].get('roc_auc', float('nan')):.4f} | "
                  f"{h['accuracy']:.4f} | {h['roc_auc']:.4f} | {h['sensitivity']:.4f} | {h['specificity']:.4f} | "
                  f"{h['sens_at_spec90']:.4f} | `{' '.join(r['args']) or '(defaults)'}` |\n")
-    return head + body
+    notes = "".join(f"- **{r['name']}**: {r['note']}\n" for r in rows if r.get("note"))
+    return head + body + ("\nNotes:\n" + notes if notes else "")
 
 
 def main() -> int:
