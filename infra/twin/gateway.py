@@ -155,7 +155,11 @@ class LambdaPool:
             self._counter += 1
             n = self._counter
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = LambdaEnvironment(n, self.processes, self.env, self.log_dir / "lambda.log")
+        # Each environment has its own /tmp in Lambda; here its own model cache folder.
+        env_vars = dict(self.env)
+        if env_vars.get("MODEL_CACHE_DIR"):
+            env_vars["MODEL_CACHE_DIR"] = str(Path(env_vars["MODEL_CACHE_DIR"]) / f"env-{n}")
+        env = LambdaEnvironment(n, self.processes, env_vars, self.log_dir / "lambda.log")
         with self._lock:
             self._all.append(env)
             self.cold_starts += 1

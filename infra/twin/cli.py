@@ -1,0 +1,229 @@
+"""``python -m infra.twin``: the whole flow on this machine, then the API until Ctrl-C.
+
+1. start S3 (SeaweedFS) and the control plane (moto) on 127.0.0.1, and the local API in front of
+   the inference handler; the model in service is the promoted one, else the shipped reference;
+2. upload the dataset (``--data``) with the upload command, ``_READY`` marker last;
+3. the marker's S3 event goes through the trigger to one run of the pipeline (validate, train,
+   gate, register, promote or not, notify); an unchanged marker starts nothing;
+4. print the URL, the API key, which model serves and why, and a prediction for a real X-ray
+   made through the API; with ``--once`` stop there, else keep serving (and start a run for any
+   new marker uploaded to the twin's S3) until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.dataset import DatasetLayoutError
+
+from .trigger import MarkerWatcher
+from .twin import (
+    DEFAULT_DATA,
+    KAGGLE_HINT,
+    RECIPES,
+    REFERENCE_MODEL,
+    STATE_DIR,
+    RunReport,
+    Twin,
+    TwinOptions,
+    sample_image,
+)
+
+WATCH_INTERVAL = 2.0
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def _bool(text: str) -> bool:
+    if text.strip().lower() in (*_TRUE, "false", "0", "no", "off"):
+        return text.strip().lower() in _TRUE
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m infra.twin", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", type=Path, default=None,
+                   help=f"dataset root with train/{{NORMAL,PNEUMONIA}} (Kaggle chest_xray layout); default {DEFAULT_DATA}")
+    p.add_argument("--dataset-name", help="name under datasets/ in the data bucket; default: the folder's name")
+    p.add_argument("--port", type=int, default=0, help="the local API's port on 127.0.0.1; 0 picks a free one")
+    p.add_argument("--once", action="store_true", default=os.environ.get("ONCE", "").lower() in _TRUE,
+                   help="stop everything after the run and a prediction (also env ONCE=1)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--full", dest="recipe", action="store_const", const="full", default="quick",
+                   help="the training entrypoint's default recipe on all the data (long on a CPU)")
+    g.add_argument("--recipe", choices=sorted(RECIPES), default="quick",
+                   help="quick: a subset and a narrow net, minutes on 2 cores; full: the entrypoint's defaults; "
+                        "cloud: cdk.json's hyperparameters (sized for a GPU)")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    p.add_argument("--limit-per-class", type=int, help="override the recipe's images per class (0 = all)")
+    p.add_argument("--hp", type=_key_value, action="append", default=[], metavar="NAME=VALUE",
+                   help="any other training hyperparameter (repeatable)")
+    p.add_argument("--retrain", action="store_true",
+                   help="rewrite the _READY marker even if the dataset is unchanged, which starts a new run")
+    p.add_argument("--gate-threshold", type=_key_value, action="append", default=[], metavar="METRIC=MIN",
+                   help="override one gate threshold from cdk.json (repeatable), e.g. roc_auc=0.95")
+    p.add_argument("--gate-require-improvement", type=_bool, metavar="BOOL",
+                   help="also require beating the promoted model (cdk.json gateRequireImprovement)")
+    p.add_argument("--gate-min-improvement", type=float, metavar="DELTA")
+    p.add_argument("--reference", type=Path, default=REFERENCE_MODEL,
+                   help="the model.tar.gz that serves until a trained model is promoted")
+    p.add_argument("--api-key", help="the key POST /predict requires; default: kept in the state folder")
+    p.add_argument("--concurrency", type=int, default=4, help="Lambda execution environments behind the API")
+    p.add_argument("--state-dir", type=Path, default=STATE_DIR,
+                   help="S3 data, executions, logs and the API key (kept between runs)")
+    p.add_argument("--serve-seconds", type=float, default=0.0,
+                   help="without --once: stop after this many seconds of serving (0 = until Ctrl-C)")
+    p.add_argument("--quiet-training", action="store_true", help="keep the training job's output in its log file only")
+    return p.parse_args(argv)
+
+
+def options_from(args: argparse.Namespace, data: Path, interactive: bool) -> TwinOptions:
+    hp = dict(args.hp)
+    if args.epochs is not None:
+        hp["epochs"] = str(args.epochs)
+    if args.limit_per_class is not None:
+        hp["limit-per-class"] = str(args.limit_per_class)
+    thresholds = None
+    if args.gate_threshold:
+        from ..config import load
+
+        thresholds = dict(load().gate_thresholds)
+        thresholds.update({k: float(v) for k, v in args.gate_threshold})
+    return TwinOptions(state_dir=args.state_dir, data=data, dataset_name=args.dataset_name, port=args.port,
+                       recipe=args.recipe, hyperparameters=hp, gate_thresholds=thresholds,
+                       gate_require_improvement=args.gate_require_improvement,
+                       gate_min_improvement=args.gate_min_improvement, reference=args.reference,
+                       api_key=args.api_key, concurrency=args.concurrency, retrain=args.retrain,
+                       interactive=interactive, echo_training=not args.quiet_training)
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def show_prediction(twin: Twin, image: Path | None) -> bool:
+    if image is None:
+        say("prediction: no X-ray found to send (pass --data with train/ images)")
+        return False
+    status, doc = twin.predict(image)
+    shown = f"{image.parent.name}/{image.name}"
+    if status == 200 and isinstance(doc, dict):
+        say(f"prediction  POST /predict {shown} (folder label {image.parent.name}) -> {doc['label']}  "
+            f"P(pneumonia)={doc['probability']:.3f} threshold={doc['threshold']:.3f}  model {doc['model']['version']}")
+        return True
+    message = doc.get("error", doc).get("message") if isinstance(doc, dict) else str(doc)[:300]
+    say(f"prediction  POST /predict {shown} -> HTTP {status}: {message}")
+    return False
+
+
+def show_run(report: RunReport) -> None:
+    if report.outcome == "duplicate":
+        say(f"run         none started: this marker version already ran as {report.run_id} ({report.detail}); "
+            "use --retrain to train again on the same data")
+        return
+    say(f"run         {report.run_id}: {report.execution.status if report.execution else report.status} "
+        f"via {' -> '.join(report.execution.path) if report.execution else '?'}")
+    say(f"outcome     {report.outcome}: {report.detail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    data = args.data if args.data is not None else (DEFAULT_DATA if DEFAULT_DATA.is_dir() else None)
+    if data is None or not Path(data).is_dir():
+        where = f"{data} does not exist" if data is not None else f"the team copy at {DEFAULT_DATA} is not here"
+        print(f"no dataset: {where}.\nUse {KAGGLE_HINT}.", file=sys.stderr)
+        return 2
+    interactive = sys.stdout.isatty() and sys.stderr.isatty()
+
+    def terminate(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminate)
+    twin = Twin(options_from(args, Path(data), interactive), say=say)
+    code = 0
+    try:
+        say("== local twin: starting S3, the control plane and the API on 127.0.0.1")
+        twin.start()
+        say(f"API         {twin.url}   (GET / is the upload page, GET /health is open)")
+        say(f"API key     {twin.api_key}   (header x-api-key on POST /predict)")
+        say(f"in service  {twin.in_service()}")
+        image = sample_image(Path(data))
+        show_prediction(twin, image)
+
+        for report in twin.resume_interrupted():
+            show_run(report)
+        name = twin.dataset_name(Path(data))
+        say(f"== upload {data} -> s3://{twin.data_bucket}/datasets/{name}/ (marker last)")
+        try:
+            up = twin.upload(Path(data), name)
+        except (DatasetLayoutError, RuntimeError) as exc:
+            say(f"upload failed: {exc}")
+            return 1
+        say(f"upload      {up.uploaded} uploaded, {up.skipped} already there; marker "
+            f"{'written' if up.marker_written else 'unchanged'}; counts {json.dumps(up.manifest['counts'])}")
+
+        say("== trigger: the marker's S3 event -> DatasetReady rule -> starter -> pipeline")
+        event = twin.marker_event(name)
+        report = twin.handle(event) if event is not None else None
+        if report is None:
+            say("run         no marker event (nothing to train on)")
+        else:
+            show_run(report)
+            if report.execution is not None and report.execution.status == "FAILED":
+                code = 1
+            if report.execution is not None and report.execution.state.get("promotion"):
+                version = report.execution.state["promotion"]["pointer"]["model_version"]
+                if not twin.wait_for_model(version):
+                    say(f"the API did not switch to {version} in time")
+        say("== serving")
+        say(f"in service  {twin.in_service()}")
+        if not show_prediction(twin, image):
+            code = 1
+        say(f"try it      curl -s -H 'x-api-key: {twin.api_key}' -H 'Content-Type: image/jpeg' "
+            f"--data-binary @{image or 'xray.jpeg'} '{twin.url}predict?explain=1'")
+        say(f"            open {twin.url} in a browser (paste the API key in the page)")
+        if args.once:
+            return code
+        serve(twin, args.serve_seconds)
+        return 0
+    except KeyboardInterrupt:
+        say("\nstopping (interrupted)")
+        return 130
+    finally:
+        twin.stop()
+        say("stopped: every server and process the twin started has exited")
+
+
+def serve(twin: Twin, seconds: float) -> None:
+    """Serve until interrupted, starting a run for each new marker version uploaded meanwhile."""
+    say(f"serving on {twin.url} -- upload a dataset to the twin's S3 to train again "
+        f"(python -m infra.upload --endpoint-url {twin.s3_server.endpoint} --bucket {twin.data_bucket} ...); "
+        "Ctrl-C stops everything")
+    watcher = MarkerWatcher(twin.s3, twin.data_bucket)
+    watcher.poll()  # what is there now has been handled
+    deadline = time.monotonic() + seconds if seconds > 0 else None
+    while deadline is None or time.monotonic() < deadline:
+        time.sleep(WATCH_INTERVAL)
+        for event in watcher.poll():
+            report = twin.handle(event)
+            if report is not None and report.outcome != "duplicate":
+                show_run(report)
+                say(f"in service  {twin.in_service()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
