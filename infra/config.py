@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .functions.common import CHECKPOINTS_PREFIX, DATASETS_PREFIX, MODELS_PREFIX  # noqa: F401 (re-exported)
 

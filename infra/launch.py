@@ -26,8 +26,17 @@ import os
 import sys
 from typing import Any
 
-from .config import CHECKPOINT_LOCAL_PATH, CHECKPOINTS_PREFIX, CODE_PREFIX, METRIC_DEFINITIONS, MODELS_PREFIX
-from .config import TRAINING_PROGRAM, Config, ConfigError, load
+from .config import (
+    CHECKPOINT_LOCAL_PATH,
+    CHECKPOINTS_PREFIX,
+    CODE_PREFIX,
+    METRIC_DEFINITIONS,
+    MODELS_PREFIX,
+    TRAINING_PROGRAM,
+    Config,
+    ConfigError,
+    load,
+)
 from .functions.common import DatasetInvalid, StepError, parse_s3_uri, run_id
 from .functions.validate_dataset import channels, list_relpaths
 from .packaging import build_training_source
@@ -137,7 +146,7 @@ def launch(args: argparse.Namespace, *, boto_session: Any = None) -> dict[str, A
                           "pass --role and --artifacts-bucket")
     s3 = boto_session.client("s3")
     name, input_channels, fingerprint = dataset_channels(s3, args.dataset)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     job_name = args.job_name or run_id(name, f"launch:{stamp}:{hashlib.sha256(os.urandom(8)).hexdigest()}")
 
     import sagemaker

@@ -13,7 +13,8 @@ findings matching the patterns the caller justifies; any other wildcard still fa
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import jsii
 from aws_cdk import Acknowledgment, Aspects, CfnResource, IAspect, Stack, Validations

@@ -40,8 +40,9 @@ failure, which takes the failure path like a failed SageMaker job does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from .functions import gate, notify, promote, register, validate_dataset
 from .functions.common import StepContext, error_output

@@ -12,23 +12,22 @@ import pytest
 boto3 = pytest.importorskip("boto3")
 moto = pytest.importorskip("moto")
 
-from shared.bundle import ARCHIVE_NAME, BUNDLE_JSON, pack  # noqa: E402
-from shared.dataset import build_manifest, scan_relpaths  # noqa: E402
-from shared.pointer import ModelPointer  # noqa: E402
-
 from infra.config import load  # noqa: E402
 from infra.functions import gate, notify, register, starter, validate_dataset  # noqa: E402
 from infra.functions.common import (  # noqa: E402
     APPROVAL_TAG,
+    UNPROMOTED,
     Clients,
     DatasetInvalid,
     Settings,
-    UNPROMOTED,
     StepContext,
     failure_reason,
     run_id,
 )
 from infra.pipeline import PIPELINE, STEPS, execute  # noqa: E402
+from shared.bundle import ARCHIVE_NAME, BUNDLE_JSON, pack  # noqa: E402
+from shared.dataset import build_manifest, scan_relpaths  # noqa: E402
+from shared.pointer import ModelPointer  # noqa: E402
 
 REGION = "us-east-1"
 DATA, ARTIFACTS = "cxr-data-test", "cxr-artifacts-test"

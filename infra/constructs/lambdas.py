@@ -37,7 +37,7 @@ class ContainerFunction:
 
 def container_function(scope: Construct, id: str, *, code: lambda_.DockerImageCode, key: kms.IKey,
                        retention_days: int, description: str, environment: dict[str, str] | None = None,
-                       memory_size: int = 512, timeout: Duration = Duration.minutes(1),
+                       memory_size: int = 512, timeout: Duration | None = None,
                        ephemeral_storage_mb: int | None = None,
                        dead_letter_queue: sqs.IQueue | None = None) -> ContainerFunction:
     group = log_group(scope, f"{id}Logs", key=key, retention_days=retention_days)
@@ -54,7 +54,7 @@ def container_function(scope: Construct, id: str, *, code: lambda_.DockerImageCo
         log_group=group,
         logging_format=lambda_.LoggingFormat.JSON,
         memory_size=memory_size,
-        timeout=timeout,
+        timeout=timeout or Duration.minutes(1),
         environment=environment or {},
         ephemeral_storage_size=Size.mebibytes(ephemeral_storage_mb) if ephemeral_storage_mb else None,
         dead_letter_queue=dead_letter_queue,

@@ -159,7 +159,9 @@ class TrainingPipeline(Construct):
             iam.PolicyStatement(sid="ReadTrainingCode", actions=["s3:GetObject"],
                                 resources=[self.source.bucket.arn_for_objects(self.source.s3_object_key),
                                            artifacts.arn_for_objects(f"{CODE_PREFIX}*")]),
-            iam.PolicyStatement(sid="UseDataKey", actions=["kms:Decrypt", "kms:GenerateDataKey"], resources=[key.key_arn]),
+            # Encrypt: SageMaker encrypts the model archive with OutputDataConfig.KmsKeyId as this role.
+            iam.PolicyStatement(sid="UseDataKey", actions=["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey"],
+                                resources=[key.key_arn]),
             iam.PolicyStatement(sid="TrainingLogs",
                                 actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents",
                                          "logs:DescribeLogStreams"],
@@ -354,9 +356,9 @@ class TrainingPipeline(Construct):
     def _suppressions(self) -> None:
         acknowledge_wildcards(self.sagemaker_role, [
             r"^Resource::.*/(datasets|models|checkpoints|code)/\*$",
-            r"^Resource::arn:[^:]+:logs:.*/aws/sagemaker/TrainingJobs:\*$",
+            r"^Resource::arn:(<AWS::Partition>|aws[a-z-]*):logs:.*/aws/sagemaker/TrainingJobs:\*$",
             r"^Resource::\*$",
-            r"^Resource::arn:[^:]+:ecr:.*:repository/.*$",
+            r"^Resource::arn:(<AWS::Partition>|aws[a-z-]*):ecr:.*:repository/.*$",
         ], "Training reads every object under datasets/ (and its code under code/) and writes under models/ and "
            "checkpoints/ of the product's own buckets (object names are chosen per run); its log group is SageMaker's fixed "
            "/aws/sagemaker/TrainingJobs; ecr:GetAuthorizationToken and cloudwatch:PutMetricData have no resource-level "
@@ -365,7 +367,7 @@ class TrainingPipeline(Construct):
         for fn in self.functions.values():
             acknowledge_wildcards(fn.role, [
                 r"^Resource::.*/(datasets|models)/\*(/model-quality\.json)?$",
-                r"^Resource::arn:[^:]+:sagemaker:.*:model-package/.+/\*$",
+                r"^Resource::arn:(<AWS::Partition>|aws[a-z-]*):sagemaker:.*:model-package/.+/\*$",
             ], "Object keys carry the dataset and training-job names chosen per run, so access is granted to the "
                "datasets/ or models/ prefix of the product's own bucket; model package ARNs are created by SageMaker "
                "inside the product's single model package group.")
@@ -385,7 +387,7 @@ class TrainingPipeline(Construct):
              "EventBridge target."),
         ])
         acknowledge_wildcards(self.state_machine, [
-            r"^Resource::arn:[^:]+:sagemaker:.*:training-job/cxr-\*$",
+            r"^Resource::arn:(<AWS::Partition>|aws[a-z-]*):sagemaker:.*:training-job/cxr-\*$",
             r"^Resource::<.*Function.*\.Arn>:\*$",
             r"^Resource::\*$",
         ], "Training job ARNs carry the run id chosen per dataset upload (all start with cxr-); Lambda invocations "

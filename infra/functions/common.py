@@ -13,8 +13,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 from shared.dataset import MARKER_NAME

@@ -21,7 +21,7 @@ def pointer_for(state: dict[str, Any], now: dt.datetime | None = None) -> ModelP
     gate = state["gate"]
     if not gate.get("approved"):
         raise StepError(f"refusing to promote {gate.get('model_version')}: the quality gate rejected it")
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     metric = gate.get("compare_metric") or "roc_auc"
     value = gate.get("metrics", {}).get(metric)
     summary = f"{metric}={value:.4f}" if isinstance(value, (int, float)) else "passed the quality gate"
