@@ -220,7 +220,8 @@ class ModelStore:
                 bundle = self._unpack(path, self._folder_for(sha))
             else:
                 raise ModelSourceError(f"{location} does not exist")
-        predictor = OnnxPredictor(bundle, threads=self.settings.threads or None)
+        # No spin-waiting: between two inferences this process decodes images on the same vCPUs.
+        predictor = OnnxPredictor(bundle, threads=self.settings.threads or None, spin_wait=False)
         return LoadedModel(bundle=bundle, predictor=predictor, source=self.settings.model_uri or location,
                            location=location, sha256=sha, loaded_at=_now(),
                            load_seconds=round(time.perf_counter() - t0, 3))
