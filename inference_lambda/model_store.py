@@ -27,7 +27,7 @@ from typing import Any
 
 from aws_lambda_powertools import Logger
 
-from shared.bundle import ARCHIVE_NAME, Bundle, BundleError, file_sha256, read_bundle, unpack
+from shared.bundle import ARCHIVE_NAME, Bundle, file_sha256, read_bundle, unpack
 from shared.pointer import ModelPointer, PointerError
 from shared.predictor import OnnxPredictor
 
@@ -141,7 +141,7 @@ class ModelStore:
                 self._model = self._load_pointer(pointer)
             else:
                 self._model = self._load_location(uri, expected_sha256=None)
-        except (ModelSourceError, BundleError, PointerError, OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # ONNX Runtime's load errors derive from Exception only
             message = f"the model cannot be loaded: {exc}"
             self._failure = (self._clock(), message)
             log.error("model load failed", extra={"model_uri": uri, "reason": str(exc)})
@@ -168,7 +168,7 @@ class ModelStore:
             return
         try:
             new = self._load_pointer(pointer)
-        except (ModelSourceError, BundleError, OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # whatever went wrong, the model in service keeps answering
             self._rejected_pointer = key
             log.error("promoted model failed to load; keeping the model in service",
                       extra={"model_uri": pointer.model_uri, "reason": str(exc),

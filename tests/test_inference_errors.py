@@ -245,6 +245,19 @@ def test_broken_bundle_is_503_then_recovers(monkeypatch, inference_app, tiny_bun
     assert call(inference_app, api_event(body=jpeg, content_type="image/jpeg")).status == 200
 
 
+def test_model_file_onnx_runtime_cannot_read_is_503(monkeypatch, inference_app, tiny_bundle, tmp_path, jpeg):
+    import shutil
+
+    broken = tmp_path / "garbage-onnx"
+    shutil.copytree(tiny_bundle, broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx graph" * 10)
+    meta = json.loads((broken / "bundle.json").read_text())
+    meta.pop("onnx_sha256")
+    (broken / "bundle.json").write_text(json.dumps(meta))
+    configure(monkeypatch, inference_app, str(broken), tmp_path / "c")
+    expect(call(inference_app, api_event(body=jpeg, content_type="image/jpeg")), 503, "model_unavailable")
+
+
 def test_failed_load_is_not_retried_before_retry_after(monkeypatch, inference_app, tmp_path, jpeg):
     store = configure(monkeypatch, inference_app, str(tmp_path / "missing"), tmp_path, retry_seconds=60)
     attempts = []
