@@ -4,8 +4,10 @@
     python -m infra.upload --data ./chest_xray --bucket b --name kaggle --endpoint-url http://127.0.0.1:8333
 
 Images go to ``s3://BUCKET/datasets/NAME/{train,val}/{NORMAL,PNEUMONIA}/...`` in parallel, with a
-progress bar. It is resumable: an object already there with the same size and checksum (the MD5
-that S3 reports as the ETag of a single-part upload) is skipped. Only when every image is there is
+progress bar. It is resumable: an object already there with the same size and checksum is skipped.
+The checksum is the MD5 that S3 reports as the ETag of a single-part upload where the bucket's
+encryption keeps it so (SSE-S3, S3-compatible servers); under SSE-KMS the ETag is not an MD5, so
+each upload also records its SHA-256 in the object's metadata and a HEAD compares that. Only when every image is there is
 ``datasets/NAME/_READY`` written, holding the manifest (counts per split and class, the
 fingerprint of the file list); that marker, and nothing else, starts training. An unchanged
 dataset keeps its marker, so re-running the command does not start a second run (``--retrain``
@@ -23,9 +25,12 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.bundle import file_sha256
 from shared.dataset import MARKER_NAME, DatasetLayoutError, build_manifest, scan_directory
 
-DATASETS_PREFIX = "datasets/"
+from .functions.common import DATASETS_PREFIX
+
+SHA256_METADATA = "sha256"  # x-amz-meta-sha256
 CONTENT_TYPES = {".jpeg": "image/jpeg", ".jpg": "image/jpeg", ".png": "image/png", ".dcm": "application/dicom"}
 
 
@@ -74,14 +79,25 @@ def upload_dataset(data: Path, bucket: str, name: str, s3, workers: int = 8, ret
     prefix = f"{DATASETS_PREFIX}{name}/"
     marker_key = prefix + MARKER_NAME
     there = existing_objects(s3, bucket, prefix)
-    todo, skipped = [], 0
-    for rel in layout.all_files():
+
+    def unchanged(rel: str) -> bool:
         path, key = data / rel, prefix + rel
         have = there.get(key)
-        if have and have[0] == path.stat().st_size and have[1] == _md5(path):
-            skipped += 1
-        else:
-            todo.append((path, key))
+        if not have or have[0] != path.stat().st_size:
+            return False
+        if have[1] == _md5(path):
+            return True
+        try:
+            meta = s3.head_object(Bucket=bucket, Key=key).get("Metadata", {})
+        except Exception:  # noqa: BLE001 - unknown state: upload it again
+            return False
+        return meta.get(SHA256_METADATA) == file_sha256(path)
+
+    rels = layout.all_files()
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        same = list(pool.map(unchanged, rels))
+    todo = [(data / rel, prefix + rel) for rel, ok in zip(rels, same) if not ok]
+    skipped = len(rels) - len(todo)
     bar = None
     if progress and todo:
         from tqdm import tqdm
@@ -90,7 +106,8 @@ def upload_dataset(data: Path, bucket: str, name: str, s3, workers: int = 8, ret
 
     def put(item):
         path, key = item
-        extra = {"ContentType": CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")}
+        extra = {"ContentType": CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream"),
+                 "Metadata": {SHA256_METADATA: file_sha256(path)}}
         s3.upload_file(str(path), bucket, key, ExtraArgs=extra)
 
     failures = []

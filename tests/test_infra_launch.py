@@ -87,7 +87,7 @@ def test_launch_sends_the_pipeline_configuration(aws):
     # moto records the job as sent
     assert job["EnableManagedSpotTraining"] is True
     assert job["CheckpointConfig"]["S3Uri"] == f"s3://{ARTIFACTS}/checkpoints/{name}/"
-    assert json.loads(job["HyperParameters"]["epochs"]) == config.training_hyperparameters()["epochs"]
+    assert json.loads(job["HyperParameters"]["recipe"]) == config.training_hyperparameters()["recipe"] == "gpu"
     assert job["StoppingCondition"]["MaxWaitTimeInSeconds"] >= job["StoppingCondition"]["MaxRuntimeInSeconds"]
     # the submit directory it names exists and is the reproducible archive
     bucket, key = hp["sagemaker_submit_directory"][5:].split("/", 1)

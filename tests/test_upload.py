@@ -61,3 +61,14 @@ def test_bad_layout_uploads_nothing(s3, tmp_path):
     with pytest.raises(DatasetLayoutError, match="PNEUMONIA"):
         upload_dataset(tmp_path / "ds", "data", "demo", s3)
     assert "Contents" not in s3.list_objects_v2(Bucket="data")
+
+
+def test_resume_works_where_etags_are_not_md5(s3, tmp_path, monkeypatch):
+    """Under SSE-KMS an ETag is no MD5: the SHA-256 kept in object metadata decides instead."""
+    import infra.upload as upload
+
+    data = small_dataset(tmp_path / "ds", per_class=3)
+    upload_dataset(data, "data", "kms", s3)
+    monkeypatch.setattr(upload, "_md5", lambda path: "not-what-s3-reports")
+    again = upload_dataset(data, "data", "kms", s3)
+    assert (again.uploaded, again.skipped) == (0, 6)
