@@ -87,11 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="S3 data, executions, logs and the API key (kept between runs)")
     p.add_argument("--serve-seconds", type=float, default=0.0,
                    help="without --once: stop after this many seconds of serving (0 = until Ctrl-C)")
+    p.add_argument("--serve-only", action="store_true",
+                   help="start the servers and the API with the model in service; no upload, no training")
     p.add_argument("--quiet-training", action="store_true", help="keep the training job's output in its log file only")
     return p.parse_args(argv)
 
 
-def options_from(args: argparse.Namespace, data: Path, interactive: bool) -> TwinOptions:
+def options_from(args: argparse.Namespace, data: Path | None, interactive: bool) -> TwinOptions:
     hp = dict(args.hp)
     if args.epochs is not None:
         hp["epochs"] = str(args.epochs)
@@ -143,7 +145,7 @@ def show_run(report: RunReport) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = args.data if args.data is not None else (DEFAULT_DATA if DEFAULT_DATA.is_dir() else None)
-    if data is None or not Path(data).is_dir():
+    if not args.serve_only and (data is None or not Path(data).is_dir()):
         where = f"{data} does not exist" if data is not None else f"the team copy at {DEFAULT_DATA} is not here"
         print(f"no dataset: {where}.\nUse {KAGGLE_HINT}.", file=sys.stderr)
         return 2
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, terminate)
-    twin = Twin(options_from(args, Path(data), interactive), say=say)
+    data = Path(data) if data is not None else None
+    twin = Twin(options_from(args, data, interactive), say=say)
     code = 0
     try:
         say("== local twin: starting S3, the control plane and the API on 127.0.0.1")
@@ -161,15 +164,19 @@ def main(argv: list[str] | None = None) -> int:
         say(f"API         {twin.url}   (GET / is the upload page, GET /health is open)")
         say(f"API key     {twin.api_key}   (header x-api-key on POST /predict)")
         say(f"in service  {twin.in_service()}")
-        image = sample_image(Path(data))
+        image = sample_image(data)
         show_prediction(twin, image)
+        if args.serve_only:
+            if not args.once:
+                serve(twin, args.serve_seconds, watch=False)
+            return 0
 
         for report in twin.resume_interrupted():
             show_run(report)
-        name = twin.dataset_name(Path(data))
+        name = twin.dataset_name(data)
         say(f"== upload {data} -> s3://{twin.data_bucket}/datasets/{name}/ (marker last)")
         try:
-            up = twin.upload(Path(data), name)
+            up = twin.upload(data, name)
         except (DatasetLayoutError, RuntimeError) as exc:
             say(f"upload failed: {exc}")
             return 1
@@ -194,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         if not show_prediction(twin, image):
             code = 1
         say(f"try it      curl -s -H 'x-api-key: {twin.api_key}' -H 'Content-Type: image/jpeg' "
-            f"--data-binary @{image or 'xray.jpeg'} '{twin.url}predict?explain=1'")
+            f"--data-binary @{image or 'xray.jpeg'} '{twin.url}predict'   (add ?explain=1 for the heatmap)")
         say(f"            open {twin.url} in a browser (paste the API key in the page)")
         if args.once:
             return code
@@ -208,16 +215,21 @@ def main(argv: list[str] | None = None) -> int:
         say("stopped: every server and process the twin started has exited")
 
 
-def serve(twin: Twin, seconds: float) -> None:
+def serve(twin: Twin, seconds: float, watch: bool = True) -> None:
     """Serve until interrupted, starting a run for each new marker version uploaded meanwhile."""
-    say(f"serving on {twin.url} -- upload a dataset to the twin's S3 to train again "
-        f"(python -m infra.upload --endpoint-url {twin.s3_server.endpoint} --bucket {twin.data_bucket} ...); "
-        "Ctrl-C stops everything")
+    if watch:
+        say(f"serving on {twin.url} -- upload a dataset to the twin's S3 to train again "
+            f"(python -m infra.upload --endpoint-url {twin.s3_server.endpoint} --bucket {twin.data_bucket} ...); "
+            "Ctrl-C stops everything")
+    else:
+        say(f"serving on {twin.url} -- Ctrl-C stops everything")
     watcher = MarkerWatcher(twin.s3, twin.data_bucket)
     watcher.poll()  # what is there now has been handled
     deadline = time.monotonic() + seconds if seconds > 0 else None
     while deadline is None or time.monotonic() < deadline:
         time.sleep(WATCH_INTERVAL)
+        if not watch:
+            continue
         for event in watcher.poll():
             report = twin.handle(event)
             if report is not None and report.outcome != "duplicate":

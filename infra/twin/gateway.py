@@ -241,6 +241,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
     server_version = "cxr-twin-apigateway"
     timeout = 60  # a client that stops sending is dropped
 
@@ -269,6 +270,15 @@ class _Handler(BaseHTTPRequestHandler):
             return b"".join(chunks)
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_PAYLOAD:
+            # Read what was sent (up to a bound) so the client sees the 413 rather than a reset connection.
+            left = length if length <= 8 * MAX_PAYLOAD else 0
+            while left > 0:
+                got = self.rfile.read(min(left, 1 << 20))
+                if not got:
+                    break
+                left -= len(got)
+            if length > 8 * MAX_PAYLOAD:
+                self.close_connection = True
             return None
         return self.rfile.read(length) if length > 0 else b""
 
@@ -282,9 +292,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("x-amzn-RequestId", self._request_id)
-        self.end_headers()
+        # Head and body in one write: two small writes meet the client's delayed ACK (a 40 ms stall).
+        self._headers_buffer.append(b"\r\n")
         if self.command != "HEAD":
-            self.wfile.write(body)
+            self._headers_buffer.append(body)
+        self.flush_headers()
 
     def _dispatch(self) -> None:
         gw: LocalApiGateway = self.server.gateway
@@ -303,7 +315,6 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, cors, gateway_error("BAD_REQUEST_BODY", "Invalid request body"))
             return
         if body is None:
-            self.close_connection = True
             self._send(413, cors, gateway_error("REQUEST_TOO_LARGE", "Request Too Long"))
             return
         known = {r for _, r in ROUTES}

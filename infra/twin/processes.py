@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -33,6 +35,47 @@ except (OSError, AttributeError):
 def _die_with_parent() -> None:
     if _prctl is not None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+class _Spawner:
+    """Starts every child from one long-lived thread.
+
+    The kernel sends the parent-death signal when the *thread* that forked the child exits, so a
+    child started from a short-lived thread (a request handler, a cold start) would be killed
+    with it. This thread lives as long as the twin's process.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _loop(self) -> None:
+        while True:
+            fn, box, done = self._jobs.get()
+            try:
+                box.append((True, fn()))
+            except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+                box.append((False, exc))
+            done.set()
+
+    def run(self, fn: Callable[[], subprocess.Popen]) -> subprocess.Popen:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="twin-spawner", daemon=True)
+                self._thread.start()
+        box: list = []
+        done = threading.Event()
+        self._jobs.put((fn, box, done))
+        if not done.wait(60):
+            raise RuntimeError("could not start a child process in 60 s")
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+
+_SPAWNER = _Spawner()
 
 
 def free_port(avoid: set[int] | None = None, offset: int = 0) -> int:
@@ -96,10 +139,10 @@ class ProcessGroup:
     def start(self, name: str, cmd: Sequence[str], *, env: dict[str, str] | None = None,
               cwd: str | os.PathLike | None = None, stdin: Any = subprocess.DEVNULL,
               stdout: IO | int | None = None, stderr: IO | int | None = None) -> subprocess.Popen:
-        proc = subprocess.Popen(  # noqa: S603 - fixed argument lists, no shell
+        proc = _SPAWNER.run(lambda: subprocess.Popen(  # noqa: S603 - fixed argument lists, no shell
             list(map(str, cmd)), env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr,
             process_group=0, preexec_fn=_die_with_parent if _prctl is not None else None,
-        )
+        ))
         self._procs.append((name, proc))
         return proc
 
