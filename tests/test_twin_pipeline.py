@@ -1,0 +1,150 @@
+"""The local twin's flow on the real S3 server: every ending of a run, and one run per marker version.
+
+One twin (SeaweedFS, moto, two execution environments) serves the whole module; each test
+uploads its own small real dataset under its own name. Training uses the tiniest settings: what
+is tested is the flow, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_twin_support import LOW_GATE, TINY_HP, subset
+
+from infra.functions.common import APPROVAL_TAG
+from infra.pipeline import PIPELINE
+from infra.twin.twin import REFERENCE_REASON, Twin, TwinOptions
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+HAPPY_PATH = [s.name for s in PIPELINE.steps]
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory, tiny_bundle_archive):
+    state = tmp_path_factory.mktemp("twin-state")
+    messages: list[str] = []
+    t = Twin(TwinOptions(state_dir=state, reference=tiny_bundle_archive, hyperparameters=dict(TINY_HP),
+                         gate_thresholds=dict(LOW_GATE), gate_require_improvement=False, concurrency=2,
+                         echo_training=False), say=messages.append)
+    t.messages = messages
+    with t:
+        yield t
+
+
+def serving_version(twin: Twin) -> str:
+    status, doc = twin.request("GET", "/health")
+    assert status == 200, doc
+    return doc["model"]["version"]
+
+
+def predicted_version(twin: Twin, image) -> str:
+    status, doc = twin.predict(image)
+    assert status == 200, doc
+    assert doc["label"] in ("NORMAL", "PNEUMONIA")
+    return doc["model"]["version"]
+
+
+def test_the_reference_model_serves_before_any_run(twin, originals):
+    pointer = twin.pointer()
+    assert pointer.reason == REFERENCE_REASON and pointer.model_uri == twin.reference_uri
+    assert serving_version(twin) == pointer.model_version == "test-tiny-0001"
+    assert predicted_version(twin, originals[0]) == "test-tiny-0001"
+
+
+def test_upload_trains_gates_registers_promotes_and_serves(twin, tmp_path, originals):
+    data = subset(tmp_path / "alpha", 30)
+    up = twin.upload(data, "alpha")
+    assert up.marker_written and up.uploaded == 60
+    report = twin.handle(twin.marker_event("alpha"))
+    ex = report.execution
+    assert ex.status == "SUCCEEDED", ex.state.get("error")
+    assert ex.path == HAPPY_PATH and report.outcome == "promoted"
+
+    training, gate = ex.state["training"], ex.state["gate"]
+    job = ex.state["run"]["job_name"]
+    assert training["model_uri"] == f"s3://{twin.artifacts_bucket}/models/{job}/output/model.tar.gz"
+    keys = {o["Key"] for o in twin.s3.list_objects_v2(Bucket=twin.artifacts_bucket,
+                                                      Prefix=f"models/{job}/")["Contents"]}
+    assert {f"models/{job}/output/model.tar.gz", f"models/{job}/output/output.tar.gz",
+            f"models/{job}/output/model-quality.json"} <= keys
+    assert (twin.logs / "training" / f"{job}.log").read_text().count("epoch=1 ") == 1
+
+    packages = twin.control.packages()
+    assert packages[-1]["ModelApprovalStatus"] == "Approved"
+    assert packages[-1]["CustomerMetadataProperties"]["model_version"] == gate["model_version"]
+    pointer = twin.pointer()
+    assert pointer.model_version == gate["model_version"] and pointer.model_uri == training["model_uri"]
+    assert "promoted" in ex.state["notification"]["subject"]
+
+    assert twin.wait_for_model(gate["model_version"], timeout=60)
+    assert predicted_version(twin, originals[-1]) == gate["model_version"]
+    assert "no trained model" not in twin.in_service()
+
+
+def test_the_same_marker_twice_starts_one_run(twin, tmp_path):
+    runs_before = len(list((twin.state_dir / "executions").glob("*.json")))
+    data = subset(tmp_path / "alpha", 30)  # the same files, uploaded again
+    up = twin.upload(data, "alpha")
+    assert not up.marker_written and up.uploaded == 0 and up.skipped == 60
+    event = twin.marker_event("alpha")
+    for _ in range(2):  # and the same event delivered twice, as EventBridge may
+        report = twin.handle(event)
+        assert report.outcome == "duplicate" and report.execution is None
+        assert "promoted" in report.detail
+    assert len(list((twin.state_dir / "executions").glob("*.json"))) == runs_before
+    assert len(list((twin.logs / "training").glob("cxr-alpha-*.log"))) == 1
+
+
+def test_a_class_of_unreadable_files_fails_the_run_and_the_model_keeps_serving(twin, tmp_path, originals):
+    before = twin.pointer()
+    data = subset(tmp_path / "broken", 20, only_broken=("NORMAL",))
+    twin.upload(data, "broken")
+    report = twin.handle(twin.marker_event("broken"))
+    ex = report.execution
+    assert ex.status == "FAILED" and report.outcome == "failed"
+    assert ex.path == ["ValidateDataset", "TrainModel", "NotifyFailure"]
+    assert "class NORMAL in 'train' has no readable images" in report.detail
+    assert "AlgorithmError" in report.detail
+    message = ex.state["notification"]["message"]
+    assert "failed during training" in message and "The model in service is unchanged" in message
+    assert twin.pointer() == before
+    assert predicted_version(twin, originals[0]) == before.model_version
+
+
+def test_a_marker_that_does_not_match_the_files_fails_validation(twin, originals):
+    before = twin.pointer()
+    marker = "datasets/alpha/_READY"
+    manifest = json.loads(twin.s3.get_object(Bucket=twin.data_bucket, Key=marker)["Body"].read())
+    manifest["counts"]["train"]["NORMAL"] += 5  # five images the marker promises but nobody uploaded
+    twin.s3.put_object(Bucket=twin.data_bucket, Key=marker, Body=json.dumps(manifest).encode())
+    report = twin.handle(twin.marker_event("alpha"))
+    ex = report.execution
+    assert ex.status == "FAILED" and ex.path == ["ValidateDataset", "NotifyFailure"]
+    assert "does not match its _READY manifest" in report.detail
+    assert twin.pointer() == before and serving_version(twin) == before.model_version
+    assert predicted_version(twin, originals[0]) == before.model_version
+
+
+def test_a_model_below_the_gate_is_rejected_and_not_promoted(twin, tmp_path, originals):
+    before = twin.pointer()
+    strict = {"roc_auc": 0.99, "accuracy": 0.99, "sensitivity": 0.99, "specificity": 0.99}
+    twin.cfg = twin.cfg.with_overrides(gate_thresholds=strict)
+    # A model that has barely moved from its random start.
+    twin.o.hyperparameters = {**TINY_HP, "lr": "1e-7", "val-fraction": "0.4"}
+    data = subset(tmp_path / "gamma", 40, offset=100)
+    twin.upload(data, "gamma")
+    report = twin.handle(twin.marker_event("gamma"))
+    ex = report.execution
+    assert ex.status == "SUCCEEDED" and report.outcome == "rejected"
+    assert ex.path == [*HAPPY_PATH[:5], "NotifyRejected"]
+    gate = ex.state["gate"]
+    assert not gate["approved"] and any("below the required" in r for r in gate["reasons"])
+    assert twin.control.packages()[-1]["ModelApprovalStatus"] == "Rejected"
+    bucket, key = gate["model_uri"][5:].split("/", 1)
+    tags = twin.s3.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]
+    assert {"Key": APPROVAL_TAG, "Value": "Rejected"} in tags
+    assert "rejected" in ex.state["notification"]["subject"]
+    assert twin.pointer() == before
+    assert predicted_version(twin, originals[0]) == before.model_version
