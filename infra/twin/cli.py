@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("\nstopping (interrupted)")
         return 130
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        say(f"error: {exc}")
+        return 1
     finally:
         twin.stop()
         say("stopped: every server and process the twin started has exited")
