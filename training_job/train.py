@@ -368,8 +368,6 @@ def run(args, dist_info: Dist) -> Path | None:
     model.to(device)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
-    ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dist_info.world > 1 else model
     opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     per_rank = math.ceil(len(train) / dist_info.world)
@@ -394,8 +392,16 @@ def run(args, dist_info: Dist) -> Path | None:
     best = {"epoch": 0, "val_auc": -1.0, "val_loss": float("inf")}
     start_epoch = 1
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    if last_path.is_file():
+    # Rank 0 reads the checkpoint and hands it to every process: on several hosts only the
+    # first one writes /opt/ml/checkpoints, and all must resume with the same weights and moments.
+    state = None
+    if dist_info.main and last_path.is_file():
         state = torch.load(last_path, map_location="cpu", weights_only=False)
+    if dist_info.world > 1:
+        box = [state]
+        dist.broadcast_object_list(box, src=0)
+        state = box[0]
+    if state is not None:
         if state.get("key") == key and state.get("version") == CHECKPOINT_VERSION:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -410,6 +416,8 @@ def run(args, dist_info: Dist) -> Path | None:
         else:
             log("checkpoint found but made with other data or settings; starting afresh")
 
+    ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if dist_info.world > 1 else model
     gen = torch.Generator().manual_seed(args.seed)
     for epoch in range(start_epoch, args.epochs + 1):
         gen.manual_seed(args.seed * 1000 + epoch)  # same batches whether resumed or not
