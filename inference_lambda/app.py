@@ -80,7 +80,7 @@ def page() -> Response:
 @app.get("/health")
 def health() -> Response:
     model = store.get()
-    return _json(200, {"status": "ok", "model": model.describe()})
+    return _json(200, {"status": "ok", "model": model.public()})
 
 
 @app.post("/predict")

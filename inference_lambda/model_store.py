@@ -36,6 +36,7 @@ from .errors import ModelUnavailable
 
 log = Logger(service=SERVICE_NAME, child=True)
 
+UNAVAILABLE = "no model can be served right now; retry later (the function's logs say why)"
 SSM_PREFIX = "ssm:"
 S3_PREFIX = "s3://"
 
@@ -55,7 +56,14 @@ class LoadedModel:
     load_seconds: float
     pointer: ModelPointer | None = None
 
-    def describe(self) -> dict[str, Any]:
+    @property
+    def source_kind(self) -> str:
+        if self.source.startswith(SSM_PREFIX):
+            return "ssm-pointer"
+        return "s3" if self.location.startswith(S3_PREFIX) else "local"
+
+    def public(self) -> dict[str, Any]:
+        """What ``GET /health`` shows: the model, not where the account keeps it (no bucket or path)."""
         b = self.bundle
         return {
             "version": b.version,
@@ -65,12 +73,15 @@ class LoadedModel:
             "positive_class": b.class_names[b.positive_index],
             "architecture": b.meta.get("architecture"),
             "input_size": b.preprocessing.size,
-            "source": self.source,
-            "location": self.location,
+            "source": self.source_kind,
             "sha256": self.sha256,
             "loaded_at": self.loaded_at,
             "promoted_at": self.pointer.promoted_at if self.pointer else None,
         }
+
+    def describe(self) -> dict[str, Any]:
+        """For the function's own logs: also where the model came from."""
+        return {**self.public(), "model_uri": self.source, "location": self.location}
 
 
 def _now() -> str:
@@ -106,6 +117,11 @@ class ModelStore:
     def current(self) -> LoadedModel | None:
         return self._model
 
+    @property
+    def last_error(self) -> str | None:
+        """Why the last cold load failed (for logs and tests; clients get a generic 503)."""
+        return self._failure[1] if self._failure else None
+
     def get(self) -> LoadedModel:
         """The model to answer with; raises :class:`ModelUnavailable` (503) when there is none."""
         with self._lock:
@@ -131,7 +147,7 @@ class ModelStore:
     def _cold_load(self) -> LoadedModel:
         retry = self.settings.retry_seconds
         if self._failure is not None and self._clock() - self._failure[0] < retry:
-            raise ModelUnavailable(self._failure[1], retry)
+            raise ModelUnavailable(UNAVAILABLE, retry)
         uri = self.settings.model_uri
         try:
             if not uri:
@@ -142,10 +158,10 @@ class ModelStore:
             else:
                 self._model = self._load_location(uri, expected_sha256=None)
         except Exception as exc:  # ONNX Runtime's load errors derive from Exception only
-            message = f"the model cannot be loaded: {exc}"
-            self._failure = (self._clock(), message)
+            self._failure = (self._clock(), f"the model cannot be loaded: {exc}")
             log.error("model load failed", extra={"model_uri": uri, "reason": str(exc)})
-            raise ModelUnavailable(message, retry) from None
+            # The reason names buckets, keys and paths: it stays in the logs.
+            raise ModelUnavailable(UNAVAILABLE, retry) from None
         self._failure = None
         log.info("model loaded", extra={"model": self._model.describe(), "load_seconds": self._model.load_seconds})
         return self._model

@@ -238,9 +238,11 @@ def test_broken_bundle_is_503_then_recovers(monkeypatch, inference_app, tiny_bun
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "bundle.json").write_text("{not json")
-    configure(monkeypatch, inference_app, str(broken), tmp_path / "c", retry_seconds=0)
+    store = configure(monkeypatch, inference_app, str(broken), tmp_path / "c", retry_seconds=0)
     reply = call(inference_app, api_event(body=jpeg, content_type="image/jpeg"))
-    assert "bundle.json is not valid JSON" in expect(reply, 503, "model_unavailable")["error"]["message"]
+    expect(reply, 503, "model_unavailable")
+    assert "bundle.json is not valid JSON" in store.last_error
+    assert str(broken) not in reply.text  # paths and buckets stay in the logs
     configure(monkeypatch, inference_app, str(tiny_bundle), tmp_path / "c")
     assert call(inference_app, api_event(body=jpeg, content_type="image/jpeg")).status == 200
 
