@@ -51,7 +51,8 @@ def _too_large(what: str, size: int, limit: int) -> PayloadTooLarge:
 
 
 def _unsupported(content_type: str | None) -> UnsupportedMediaType:
-    said = f"Content-Type {content_type!r} is not accepted" if content_type else "the Content-Type header is missing"
+    said = (f"Content-Type {content_type[:100]!r} is not accepted" if content_type
+            else "the Content-Type header is missing")
     return UnsupportedMediaType(
         f"{said}; send {', '.join(('image/jpeg', 'image/png', 'application/dicom'))} bytes, "
         f"application/json with an '{JSON_FIELD}' field, or multipart/form-data with a '{FILE_FIELD}' field"
@@ -147,7 +148,9 @@ def _from_multipart(raw: bytes, content_type: str) -> ImagePayload:
                 elif collecting and found is not None:
                     found += event
     except multipart.MultipartError as exc:
-        raise BadRequest(f"the multipart/form-data body is malformed ({exc})", code="invalid_multipart") from None
+        # The parser's own sentence only: its extra arguments may carry undecodable header bytes.
+        reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else type(exc).__name__
+        raise BadRequest(f"the multipart/form-data body is malformed ({reason})", code="invalid_multipart") from None
     if found is None or segment is None:
         raise BadRequest(f"the multipart form has no '{FILE_FIELD}' field; send the image as "
                          f"-F {FILE_FIELD}=@xray.jpeg", code="missing_file_field")
