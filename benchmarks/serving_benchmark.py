@@ -176,7 +176,8 @@ def build_artifacts(work: Path, bundle_arg: str | None) -> tuple[Path, Path, dic
         bundle = read_bundle(bundle_arg, unpack_to=work / "bundle")
         spec = bundle.preprocessing
         arch = bundle.meta.get("architecture", "resnet18")
-        model = build_model(arch, in_channels=spec.channels).eval()
+        hp = bundle.meta.get("provenance", {}).get("hyperparameters", {})
+        model = build_model(arch, in_channels=spec.channels, width=int(hp.get("width", 0) or 0)).eval()
         info = {"bundle": bundle_arg, "torch_weights": "random (same architecture)"}
     else:
         spec = PreprocessSpec(size=224, channels=1)
