@@ -14,6 +14,7 @@ nothing reads the caller's AWS configuration.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -82,6 +83,7 @@ class SeaweedS3:
         self.log_path = Path(log_dir) / "seaweedfs.log"
         self.proc = None
         self.port = 0
+        self._sockets: list[Path] = []
 
     @property
     def endpoint(self) -> str:
@@ -99,6 +101,8 @@ class SeaweedS3:
 
         ports = {name: pair() for name in ("master", "volume", "filer", "s3", "admin")}
         self.port = ports["s3"][0]
+        # weed puts these beside every other program's sockets in /tmp; they are removed on stop.
+        self._sockets = [Path(f"/tmp/seaweedfs-{name}-{ports[name][0]}.sock") for name in ("s3", "filer")]
         cmd = [weed_binary(), "mini", f"-dir={self.data_dir}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
                "-master.telemetry=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
                "-s3.iam=false", "-admin.ui=false", f"-admin.dataDir={self.data_dir / 'admin'}"]
@@ -124,6 +128,11 @@ class SeaweedS3:
             stop(self.proc)
             self.processes.forget(self.proc)
             self.proc = None
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                if sock.is_socket():
+                    sock.unlink()
+        self._sockets = []
 
 
 @dataclass
