@@ -223,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
 def serve(twin: Twin, seconds: float, watch: bool = True) -> None:
     """Serve until interrupted, starting a run for each new marker version uploaded meanwhile."""
     if watch:
-        say(f"serving on {twin.url} -- upload a dataset to the twin's S3 to train again "
-            f"(python -m infra.upload --endpoint-url {twin.s3_server.endpoint} --bucket {twin.data_bucket} ...); "
-            "Ctrl-C stops everything")
+        say(f"serving on {twin.url} -- upload a dataset to the twin's S3 to train again (any credentials: "
+            f"AWS_ACCESS_KEY_ID=x AWS_SECRET_ACCESS_KEY=x python -m infra.upload --endpoint-url "
+            f"{twin.s3_server.endpoint} --bucket {twin.data_bucket} --name NAME --data DIR); Ctrl-C stops everything")
     else:
         say(f"serving on {twin.url} -- Ctrl-C stops everything")
     watcher = MarkerWatcher(twin.s3, twin.data_bucket)

@@ -28,7 +28,7 @@ from typing import Any
 from .processes import LOOPBACK, ProcessGroup, free_port, http_ok, stop, tail, wait_until
 
 REGION = "us-east-1"
-# Fake credentials: SeaweedFS is started with the same pair and checks request signatures with it.
+# Fake credentials for every client the twin makes (the servers accept any).
 ACCESS_KEY = "twinaccesskey"
 SECRET_KEY = "twinsecretkey0000000000000000000000000000"
 GRPC_OFFSET = 10000  # SeaweedFS derives some gRPC ports as HTTP port + 10000
@@ -108,9 +108,9 @@ class SeaweedS3:
                "-s3.iam=false", "-admin.ui=false", f"-admin.dataDir={self.data_dir / 'admin'}"]
         for name, (http, grpc) in ports.items():
             cmd += [f"-{name}.port={http}", f"-{name}.port.grpc={grpc}"]
-        # With credentials in its environment, weed mini creates that identity and checks signatures.
+        # No AWS_* variables: with credentials in its environment weed mini would create that one
+        # identity and refuse every other, and other tools (python -m infra.upload) sign with theirs.
         env = {k: os.environ[k] for k in _SAFE_ENV if k in os.environ}
-        env.update({"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         try:
             self.proc = self.processes.start("seaweedfs", cmd, env=env, cwd=self.data_dir, stdout=log, stderr=log)
