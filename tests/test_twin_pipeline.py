@@ -14,6 +14,7 @@ from test_twin_support import LOW_GATE, TINY_HP, subset
 
 from infra.functions.common import APPROVAL_TAG
 from infra.pipeline import PIPELINE
+from infra.twin.trigger import MarkerWatcher
 from infra.twin.twin import REFERENCE_REASON, Twin, TwinOptions
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -148,3 +149,16 @@ def test_a_model_below_the_gate_is_rejected_and_not_promoted(twin, tmp_path, ori
     assert "rejected" in ex.state["notification"]["subject"]
     assert twin.pointer() == before
     assert predicted_version(twin, originals[0]) == before.model_version
+
+
+def test_the_watcher_emits_one_event_per_marker_version(twin, tmp_path):
+    watcher = MarkerWatcher(twin.s3, twin.data_bucket)
+    first = {e["detail"]["object"]["key"] for e in watcher.poll()}
+    assert {"datasets/alpha/_READY", "datasets/broken/_READY", "datasets/gamma/_READY"} <= first
+    assert watcher.poll() == []  # nothing new
+    subset(tmp_path / "delta", 3)
+    twin.upload(tmp_path / "delta", "delta")
+    events = watcher.poll()
+    assert [e["detail"]["object"]["key"] for e in events] == ["datasets/delta/_READY"]
+    assert events[0]["detail"]["object"]["version-id"]  # the data bucket is versioned, as in the stack
+    assert watcher.poll() == []
