@@ -204,10 +204,11 @@ class Twin:
         return self.gateway.url if self.gateway else ""
 
     def _create_resources(self) -> None:
-        existing = {b["Name"] for b in self.s3.list_buckets().get("Buckets", [])}
         for bucket in (self.data_bucket, self.artifacts_bucket):
-            if bucket not in existing:
+            try:
                 self.s3.create_bucket(Bucket=bucket)
+            except (self.s3.exceptions.BucketAlreadyOwnedByYou, self.s3.exceptions.BucketAlreadyExists):
+                pass  # a later run of the twin: the buckets are in the persisted data
             # Versioned like the stack's buckets: a run is named after the marker's version id.
             self.s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
         self.control.ensure_group()
