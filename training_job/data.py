@@ -209,14 +209,17 @@ class Augment:
         if self.hflip:
             flip = (torch.rand(n, generator=generator) < 0.5).to(dev)
             x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
-        # Photometric changes in the 0..255 domain: each full-batch pass costs as much as the crop.
+        # Photometric changes: gamma, then contrast about the image mean and brightness folded into
+        # one multiply-add; every full-batch pass costs about as much as the whole crop.
+        scale = 1.0
         if self.gamma > 0:
             g = torch.exp(u(-self.gamma, self.gamma)).to(dev).view(n, 1, 1, 1)
-            x = (x.clamp_min(0) / 255.0).pow(g) * 255.0
+            x = torch.pow(x.mul_(1.0 / 255.0), g)
+            scale = 255.0
         c = (1 + u(-self.contrast, self.contrast)).to(dev).view(n, 1, 1, 1)
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True) * scale
         shift = mean * (1 - c) + u(-self.brightness, self.brightness).to(dev).view(n, 1, 1, 1) * 127.5
-        x = torch.addcmul(shift, x, c)
+        x = torch.addcmul(shift, x, c * scale)
         if self.noise > 0:
             bank = _noise_bank(x.shape[1:], dev)
             pick = torch.randint(0, bank.shape[0], (n,), generator=generator).to(dev)

@@ -94,15 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = p.add_argument_group("model")
     m.add_argument("--architecture", default="resnet10", choices=ARCHITECTURES)
-    m.add_argument("--width", type=int, default=0, help="first-stage channels of seed_cnn/resnet10; 0 = default (32/64)")
+    m.add_argument("--width", type=int, default=32, help="first-stage channels of seed_cnn/resnet10; 0 = the architecture's default")
     m.add_argument("--dropout", type=float, default=0.1)
     m.add_argument("--pretrained", type=_bool, default=False, help="ImageNet weights (downloads; needs internet)")
-    m.add_argument("--image-size", type=int, default=128)
+    m.add_argument("--image-size", type=int, default=160)
     m.add_argument("--channels", type=int, default=1, choices=(1, 3))
     m.add_argument("--resize", default="stretch", choices=("stretch", "letterbox", "center_crop"))
 
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=14)
+    t.add_argument("--epochs", type=int, default=20)
     t.add_argument("--batch-size", type=int, default=64, help="per process")
     t.add_argument("--optimizer", default="adamw", choices=("adamw", "adam"))
     t.add_argument("--lr", type=float, default=2e-3)
