@@ -22,13 +22,11 @@ node_modules/.installed: package.json
 
 install: $(VENV)/.installed $(if $(wildcard package.json),node_modules/.installed)
 
-# The main job: train on DATA with the quick preset, then score the bundle on the six full-size
-# originals through the serving path.
+# The main job: the local twin of the whole serverless flow on 127.0.0.1 (S3 server, trigger,
+# training under the SageMaker contract, gate, registry, promotion, the API and its page).
+# ONCE=1 stops everything after the first prediction; FULL=1 trains the full CPU recipe.
 demo: install
-	$(PY) -m training_job.train --data $(DATA) --epochs 3 --limit-per-class 400 \
-		--model-dir runs/demo/model --output-data-dir runs/demo/output --checkpoint-dir runs/demo/checkpoints
-	$(PY) -m training_job.evaluate --bundle runs/demo/model --data ../shared/data/chest_xray_original_sample \
-		--out runs/demo/eval
+	$(PY) -m infra.twin --data $(DATA) $(if $(filter 1,$(ONCE)),--once) $(if $(filter 1,$(FULL)),--full)
 
 # pytest exits 5 when it collected nothing: for this suite that is a failure, not a pass.
 test: install
@@ -37,9 +35,11 @@ test: install
 
 bench: install
 	$(PY) benchmarks/train_input_benchmark.py
+	$(PY) benchmarks/serving_benchmark.py
+	$(PY) benchmarks/load_test.py
 
 lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf runs cdk.out .pytest_cache
+	rm -rf runs cdk.out .pytest_cache .twin build
