@@ -25,7 +25,13 @@ from aws_cdk.assertions import Annotations, Match, Template  # noqa: E402
 
 from infra.app import build_app  # noqa: E402
 from infra.config import METRIC_DEFINITIONS, ROOT, TRAINING_PROGRAM, ConfigError, load  # noqa: E402
-from infra.constructs.serving import BINARY_MEDIA_TYPES, INFERENCE_DOCKERFILE  # noqa: E402
+from infra.constructs.serving import INFERENCE_DOCKERFILE  # noqa: E402
+from infra.names import (  # noqa: E402
+    BINARY_MEDIA_TYPES,
+    dataset_ready_pattern,
+    model_package_group_name,
+    pointer_parameter_name,
+)
 from infra.packaging import build_training_source  # noqa: E402
 from infra.pipeline import PIPELINE, STEPS  # noqa: E402
 
@@ -144,9 +150,12 @@ def test_rule_matches_only_dataset_markers(resources):
     assert len(rules) == 1
     rule = next(iter(rules.values()))["Properties"]
     pattern = rule["EventPattern"]
+    bucket_ref = {"Ref": find_logical_id(resources, "AWS::S3::Bucket", "StorageData")}
+    # The local twin applies this same pattern (infra.twin.trigger).
+    assert pattern == dataset_ready_pattern(bucket_ref)
     assert pattern["source"] == ["aws.s3"]
     assert pattern["detail-type"] == ["Object Created"]
-    assert pattern["detail"]["bucket"]["name"] == [{"Ref": find_logical_id(resources, "AWS::S3::Bucket", "StorageData")}]
+    assert pattern["detail"]["bucket"]["name"] == [bucket_ref]
     [key_filter] = pattern["detail"]["object"]["key"]
     wildcard = key_filter["wildcard"]
     assert wildcard.startswith("datasets/") and wildcard.endswith("/_READY")
@@ -250,6 +259,9 @@ def test_registry_and_pointer(resources):
     assert group["Properties"]["ModelPackageGroupName"] == "CxrPneumonia-models"
     [param] = of_type(resources, "AWS::SSM::Parameter").values()
     assert param["Properties"]["Name"] == "/CxrPneumonia/promoted-model"
+    # The local twin uses the same names.
+    assert model_package_group_name("CxrPneumonia") == group["Properties"]["ModelPackageGroupName"]
+    assert pointer_parameter_name("CxrPneumonia") == param["Properties"]["Name"]
 
 
 # ---------------------------------------------------------------- serving

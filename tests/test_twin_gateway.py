@@ -14,9 +14,9 @@ import pytest
 from conftest import original_images
 from test_twin_support import call, call_json, processes_mentioning
 
+from infra.names import BINARY_MEDIA_TYPES
 from infra.twin.gateway import (
     LocalApiGateway,
-    binary_media_types,
     is_binary,
     lambda_environment,
     proxy_response,
@@ -27,8 +27,9 @@ from infra.twin.trigger import Executions, matches_rule
 KEY = "test-key-0123456789abcdefghij"
 
 
-def test_binary_media_types_are_the_stacks():
-    types = binary_media_types()
+def test_binary_media_types_are_the_stacks(tmp_path):
+    types = _gateway(tmp_path).binary_types
+    assert types == BINARY_MEDIA_TYPES
     assert {"image/jpeg", "image/png", "application/dicom", "multipart/form-data"} <= set(types)
     assert is_binary("image/jpeg", types) and is_binary("multipart/form-data; boundary=x", types)
     assert not is_binary("application/json", types) and not is_binary(None, types)

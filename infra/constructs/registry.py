@@ -15,13 +15,14 @@ from constructs import Construct
 
 from ..config import Config
 from ..functions.common import UNPROMOTED
+from ..names import model_package_group_name, pointer_parameter_name
 
 
 class ModelRegistry(Construct):
     def __init__(self, scope: Construct, id: str, *, config: Config) -> None:
         super().__init__(scope, id)
         stack = Stack.of(self)
-        self.group_name = f"{config.stack_name}-models"
+        self.group_name = model_package_group_name(config.stack_name)
         self.group = sagemaker.CfnModelPackageGroup(
             self, "ModelPackageGroup",
             model_package_group_name=self.group_name,
@@ -29,7 +30,7 @@ class ModelRegistry(Construct):
         )
         self.pointer = ssm.StringParameter(
             self, "PromotedModel",
-            parameter_name=f"/{config.stack_name}/promoted-model",
+            parameter_name=pointer_parameter_name(config.stack_name),
             description="The model serving uses (shared.pointer.ModelPointer JSON); written by the promote step",
             # CloudFormation writes this only when it creates the parameter (the template value never
             # changes afterwards), so a redeploy never demotes the promoted model.

@@ -27,13 +27,13 @@ from constructs import Construct
 
 from ..config import MODELS_PREFIX, ROOT, Config
 from ..nag import acknowledge, acknowledge_wildcards
+from ..names import BINARY_MEDIA_TYPES
 from . import output
 from .lambdas import container_function, log_group
 from .registry import ModelRegistry
 from .storage import Storage
 
 INFERENCE_DOCKERFILE = "inference_lambda/Dockerfile"
-BINARY_MEDIA_TYPES = ["image/jpeg", "image/png", "application/dicom", "multipart/form-data"]
 # The build context is the repository root; only what the serving image needs is sent
 # (Docker ignore syntax, applied after the repository's own .dockerignore).
 INFERENCE_CONTEXT_EXCLUDE = [

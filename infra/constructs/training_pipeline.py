@@ -35,8 +35,9 @@ from ..config import (
     TRAINING_PROGRAM,
     Config,
 )
-from ..functions.common import MARKER_NAME, RUN_ID_PREFIX, Settings
+from ..functions.common import RUN_ID_PREFIX, Settings
 from ..nag import acknowledge, acknowledge_wildcards
+from ..names import dataset_ready_pattern
 from ..packaging import build_training_source, stage_functions_context
 from ..pipeline import PIPELINE, TRAINING_RESULT_FIELDS, Pipeline, Step
 from . import output
@@ -335,18 +336,13 @@ class TrainingPipeline(Construct):
         starter.function.add_environment(_ENV["state_machine_arn"], self.state_machine.state_machine_arn)
         starter.role.add_to_policy(iam.PolicyStatement(sid="StartRuns", actions=["states:StartExecution"],
                                                        resources=[self.state_machine.state_machine_arn]))
+        # The local twin applies the same pattern (infra.twin.trigger).
+        pattern = dataset_ready_pattern(self.storage.data_bucket.bucket_name)
         self.rule = events.Rule(
             self, "DatasetReady",
             description="A datasets/<name>/_READY marker was written: train on that dataset",
             event_pattern=events.EventPattern(
-                source=["aws.s3"],
-                detail_type=["Object Created"],
-                detail={
-                    "bucket": {"name": [self.storage.data_bucket.bucket_name]},
-                    # Prefix datasets/ and suffix /_READY in one pattern; image uploads never match.
-                    "object": {"key": events.Match.wildcard(f"{DATASETS_PREFIX}*/{MARKER_NAME}")},
-                },
-            ),
+                source=pattern["source"], detail_type=pattern["detail-type"], detail=pattern["detail"]),
             targets=[targets.LambdaFunction(starter.function, dead_letter_queue=self.dead_letters,
                                             retry_attempts=8, max_event_age=Duration.hours(6))],
         )

@@ -20,7 +20,6 @@ Usage plans (throttling, quotas) are not emulated.
 
 from __future__ import annotations
 
-import ast
 import base64
 import contextlib
 import hmac
@@ -40,6 +39,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from ..config import ROOT
+from ..names import BINARY_MEDIA_TYPES
 from .processes import LOOPBACK, ProcessGroup, stop, tail, wait_until
 
 LOG = logging.getLogger("cxr.twin.gateway")
@@ -53,19 +53,6 @@ INTEGRATION_TIMEOUT = 29.0
 ENV_START_TIMEOUT = 180.0
 MAX_CONNECTIONS = 128
 API_KEY_ID = "twinkey"
-
-
-def binary_media_types(source: Path = ROOT / "infra" / "constructs" / "serving.py") -> list[str]:
-    """The API's binary media types, read from the construct that defines them.
-
-    The construct module imports the CDK (which starts a Node.js process), so its constant is read
-    from the source instead of imported.
-    """
-    tree = ast.parse(source.read_text(encoding="utf-8"))
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "BINARY_MEDIA_TYPES" for t in node.targets):
-            return list(ast.literal_eval(node.value))
-    raise RuntimeError(f"BINARY_MEDIA_TYPES is not defined in {source}")
 
 
 def is_binary(content_type: str | None, types: list[str]) -> bool:
@@ -374,7 +361,7 @@ class LocalApiGateway:
         self.api_key = api_key
         self.port = port
         self.cors_origin = cors_origin
-        self.binary_types = binary_media_types()
+        self.binary_types = list(BINARY_MEDIA_TYPES)
         self.lambdas = LambdaPool(concurrency, lambda_env, processes, log_dir)
         self.log_dir = Path(log_dir)
         self.access_log = logging.getLogger("cxr.twin.access")

@@ -6,7 +6,8 @@ event into the workflow's input (:func:`infra.functions.starter.initial_state`) 
 execution named after the marker version, which Step Functions refuses to start twice.
 
 Here :class:`MarkerWatcher` plays S3's part (it looks at the data bucket's markers and emits the
-same event for each marker version it has not seen), :func:`matches_rule` the rule's, the
+same event for each marker version it has not seen), :func:`matches_rule` the rule's (its
+pattern is the stack's, :func:`infra.names.dataset_ready_pattern`), the
 starter's own :func:`initial_state` builds the input, and :class:`Executions` keeps execution
 names unique across runs of the twin (one JSON file per execution in the state folder).
 """
@@ -15,9 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fnmatch
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +26,43 @@ from shared.dataset import MARKER_NAME
 
 from ..functions.common import DATASETS_PREFIX
 from ..functions.starter import marker_event
+from ..names import dataset_ready_pattern
 
-# The DatasetReady rule's pattern (infra/constructs/training_pipeline.py), with EventBridge's
-# wildcard semantics: '*' matches any run of characters, '/' included.
-RULE_SOURCE = "aws.s3"
-RULE_DETAIL_TYPE = "Object Created"
-RULE_KEY_WILDCARD = f"{DATASETS_PREFIX}*/{MARKER_NAME}"
+
+def _wildcard(pattern: str) -> re.Pattern[str]:
+    # EventBridge's '*' matches any run of characters, '/' included; nothing else is special.
+    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")), re.DOTALL)
+
+
+def _value_matches(value: Any, allowed: list[Any]) -> bool:
+    for entry in allowed:
+        if isinstance(entry, dict):
+            if set(entry) != {"wildcard"}:
+                raise ValueError(f"the twin does not implement this EventBridge filter: {entry}")
+            if isinstance(value, str) and _wildcard(entry["wildcard"]).fullmatch(value):
+                return True
+        elif value == entry:
+            return True
+    return False
+
+
+def matches_pattern(event: Any, pattern: dict[str, Any]) -> bool:
+    """Whether ``event`` matches an EventBridge event pattern made of exact values and wildcards."""
+    if not isinstance(event, dict):
+        return False
+    for name, expected in pattern.items():
+        if name not in event:
+            return False
+        if isinstance(expected, dict):
+            if not matches_pattern(event[name], expected):
+                return False
+        elif not _value_matches(event[name], expected):
+            return False
+    return True
 
 
 def matches_rule(event: dict[str, Any], data_bucket: str) -> bool:
-    detail = event.get("detail") or {}
-    key = (detail.get("object") or {}).get("key") or ""
-    return (event.get("source") == RULE_SOURCE and event.get("detail-type") == RULE_DETAIL_TYPE
-            and (detail.get("bucket") or {}).get("name") == data_bucket
-            and fnmatch.fnmatchcase(key, RULE_KEY_WILDCARD))
+    return matches_pattern(event, dataset_ready_pattern(data_bucket))
 
 
 def _now() -> str:

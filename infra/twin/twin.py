@@ -40,6 +40,7 @@ from ..config import ROOT
 from ..functions.common import DATASETS_PREFIX, MODELS_PREFIX, Clients, Settings, StepContext, failure_reason
 from ..functions.gate import promoted_pointer
 from ..functions.starter import initial_state
+from ..names import model_package_group_name, pointer_parameter_name
 from ..pipeline import Execution, execute
 from ..upload import upload_dataset
 from .gateway import LocalApiGateway, lambda_environment
@@ -125,8 +126,8 @@ class Twin:
         stack = self.cfg.stack_name
         self.data_bucket = f"{stack.lower()}-data"
         self.artifacts_bucket = f"{stack.lower()}-artifacts"
-        self.pointer_parameter = f"/{stack}/promoted-model"  # the registry construct's name for it
-        self.package_group = f"{stack}-models"
+        self.pointer_parameter = pointer_parameter_name(stack)
+        self.package_group = model_package_group_name(stack)
         self.topic_name = f"{stack}-notifications"
         self.s3_server: SeaweedS3 | None = None
         self.control: ControlPlane | None = None
