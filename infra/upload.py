@@ -96,7 +96,7 @@ def upload_dataset(data: Path, bucket: str, name: str, s3, workers: int = 8, ret
     rels = layout.all_files()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         same = list(pool.map(unchanged, rels))
-    todo = [(data / rel, prefix + rel) for rel, ok in zip(rels, same) if not ok]
+    todo = [(data / rel, prefix + rel) for rel, ok in zip(rels, same, strict=True) if not ok]
     skipped = len(rels) - len(todo)
     bar = None
     if progress and todo:
@@ -125,7 +125,7 @@ def upload_dataset(data: Path, bucket: str, name: str, s3, workers: int = 8, ret
         raise RuntimeError(f"{len(failures)} uploads failed (first: {key}: {exc}); run the command again to resume. "
                            "The _READY marker was not written, so no training started.")
 
-    manifest = build_manifest(name, layout, dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    manifest = build_manifest(name, layout, dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
     marker_written = True
     if marker_key in there and not retrain:
         try:

@@ -79,7 +79,7 @@ class OnnxPredictor:
         return Prediction(
             label=label,
             probability=pos,
-            probabilities={n: float(p) for n, p in zip(names, probs)},
+            probabilities={n: float(p) for n, p in zip(names, probs, strict=True)},
             threshold=threshold,
             logits=logits[0],
             features=None if features is None else features[0],

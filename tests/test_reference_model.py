@@ -11,8 +11,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
 from shared.bundle import read_bundle
 from shared.dataset import fingerprint
 from shared.imaging import decode_file

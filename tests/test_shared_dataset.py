@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 
 import pytest
-
 from conftest import DATA, DATA_224
+
 from shared.dataset import (
     DatasetLayoutError,
     build_manifest,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import DATA, DATA_224, ROOT
+
 from shared.bundle import read_bundle
 from shared.dataset import patient_key
 from shared.labels import CLASS_NAMES

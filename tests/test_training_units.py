@@ -6,8 +6,8 @@ import csv
 
 import numpy as np
 import torch
-
 from conftest import DATA
+
 from shared.dataset import patient_key
 from shared.labels import CLASS_NAMES
 from training_job.data import Augment, group_ids, grouped_split
@@ -66,6 +66,7 @@ def test_augmentation_keeps_shape_range_and_is_seeded():
 
 def test_recipe_sets_defaults_and_flags_override():
     from conftest import DATA_224
+
     from training_job.train import parse_args
 
     gpu = parse_args(["--train", str(DATA_224 / "train"), "--recipe", "gpu", "--epochs", "3"])

@@ -6,9 +6,9 @@ import json
 
 import boto3
 import pytest
+from conftest import DATA_224
 from moto import mock_aws
 
-from conftest import DATA_224
 from infra.upload import upload_dataset
 from shared.dataset import DatasetLayoutError, check_manifest, scan_relpaths
 

@@ -45,7 +45,7 @@ class Split:
 
     def class_counts(self) -> dict[str, int]:
         counts = torch.bincount(self.labels, minlength=len(CLASS_NAMES)).tolist()
-        return dict(zip(CLASS_NAMES, counts))
+        return dict(zip(CLASS_NAMES, counts, strict=True))
 
 
 def discover(channel_dir: str | Path, split: str) -> Layout:
@@ -91,7 +91,7 @@ def load_split(channel_dir: str | Path, layout: Layout, split: str, spec: Prepro
         results = pool.map(lambda p: _decode_one(p, spec), paths)
         if progress is not None:
             results = progress(results, total=len(paths), desc=f"decode {split}", unit="img")
-        for (rel, label), (arr, digest, reason) in zip(items, results):
+        for (rel, label), (arr, digest, reason) in zip(items, results, strict=True):
             if arr is None:
                 skipped.append((rel, reason))
                 continue
@@ -119,7 +119,7 @@ def group_ids(patients: list[str], digests: list[str]) -> np.ndarray:
             x = parent[x]
         return x
 
-    for pat, dig in zip(patients, digests):
+    for pat, dig in zip(patients, digests, strict=True):
         a, b = find("p:" + pat), find("h:" + dig)
         if a != b:
             parent[b] = a

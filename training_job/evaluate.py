@@ -70,7 +70,7 @@ def evaluate(bundle_path: Path, data: Path, out: Path, split: str | None = None,
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "probability_pneumonia"])
-        for path, label, p in zip(rows, y, probs):
+        for path, label, p in zip(rows, y, probs, strict=True):
             w.writerow([path, CLASS_NAMES[int(label)], f"{p:.6f}"])
     return metrics
 

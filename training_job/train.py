@@ -194,7 +194,7 @@ def code_version() -> str:
 
 
 def utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---------------------------------------------------------------- processes
@@ -518,7 +518,7 @@ def finish(args, spec, model, best_path: Path, val: D.Split, info: dict, history
     write_json(out_data / "history.json", history)
     with open(out_data / "val_predictions.csv", "w") as f:
         f.write("path,label,probability_pneumonia\n")
-        for rel, label, p in zip(val.relpaths, y, probs):
+        for rel, label, p in zip(val.relpaths, y, probs, strict=True):
             f.write(f"{rel},{CLASS_NAMES[int(label)]},{p:.6f}\n")
 
     model_dir = Path(args.model_dir)
