@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,15 @@ def export_onnx(model: Classifier, example: torch.Tensor, path: str | Path) -> f
     wrapper = ExportWrapper(model).eval()
     example = example.float().cpu()
     path = Path(path)
-    torch.onnx.export(
-        wrapper, (example,), str(path), dynamo=False, opset_version=OPSET,
-        input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}},
-    )
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter is chosen on purpose (dynamo=False): it handles this
+        # network's two outputs with dynamic batch exactly; torch warns that it is the legacy path.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            wrapper, (example,), str(path), dynamo=False, opset_version=OPSET,
+            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}},
+        )
     with torch.no_grad():
         ref_logits, ref_features = wrapper(example)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
