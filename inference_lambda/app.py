@@ -34,9 +34,10 @@ from aws_lambda_powertools.metrics import MetricUnit, single_metric
 
 from shared.imaging import ImageError, decode_image
 from shared.predictor import class_activation_map
+from shared.preprocessing import decode_min_side
 
 from .config import METRICS_NAMESPACE, SERVICE_NAME, Settings
-from .errors import ApiError, BadRequest, MethodNotAllowed, NotFound, error_body
+from .errors import ApiError, BadRequest, MethodNotAllowed, ModelUnavailable, NotFound, error_body
 from .heatmap import overlay_png
 from .inputs import extract_image
 from .model_store import ModelStore
@@ -91,8 +92,12 @@ def predict() -> Response:
     # The input is checked before the model is asked for, so bad input gets its 4xx even while
     # the model is unavailable.
     payload = extract_image(event.body, bool(event.is_base64_encoded), event.headers.get("content-type"))
-    decoded = decode_image(payload.data, payload.declared_format)
-    model = store.get()
+    try:
+        model = store.get()
+    except ModelUnavailable:
+        decode_image(payload.data, payload.declared_format)  # a bad image still gets its 4xx first
+        raise
+    decoded = decode_image(payload.data, payload.declared_format, decode_min_side(model.bundle.preprocessing))
 
     t0 = time.perf_counter()
     prediction = model.predictor.predict(decoded, with_features=explain)

@@ -111,11 +111,13 @@ def check_dimensions(width: int, height: int) -> None:
         )
 
 
-def decode_image(data: bytes, declared_format: str | None = None) -> DecodedImage:
+def decode_image(data: bytes, declared_format: str | None = None, min_side: int | None = None) -> DecodedImage:
     """Bytes -> 8-bit grayscale image. ``declared_format`` ("jpeg"/"png"/"dicom") is a hint.
 
     The bytes decide the format when they carry a signature; a DICOM file without its 128-byte
-    preamble is accepted only when declared as DICOM.
+    preamble is accepted only when declared as DICOM. With ``min_side``, a JPEG is decoded at the
+    smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps both sides at least that long
+    (``shared.preprocessing.decode_min_side`` says how long).
     """
     if not data:
         raise EmptyImageError("the image is empty (0 bytes)")
@@ -128,7 +130,7 @@ def decode_image(data: bytes, declared_format: str | None = None) -> DecodedImag
         raise UnsupportedFormatError("unrecognised image format; send JPEG, PNG or DICOM")
     if fmt == "dicom":
         return _decode_dicom(data)
-    return _decode_raster(data, fmt)
+    return _decode_raster(data, fmt, min_side)
 
 
 def _looks_like_text(data: bytes) -> bool:
@@ -140,12 +142,14 @@ def _looks_like_text(data: bytes) -> bool:
     return all(ch >= 9 for ch in head)
 
 
-def _decode_raster(data: bytes, fmt: str) -> DecodedImage:
+def _decode_raster(data: bytes, fmt: str, min_side: int | None = None) -> DecodedImage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=["JPEG", "PNG"])
             check_dimensions(*img.size)
+            if min_side and fmt == "jpeg":
+                img.draft(img.mode, (min_side, min_side))
             img.load()
     except ImageError:
         raise
@@ -304,9 +308,9 @@ def _window(values: np.ndarray, ds) -> np.ndarray:
     return _minmax_to_uint8(values)
 
 
-def decode_file(path) -> DecodedImage:
+def decode_file(path, min_side: int | None = None) -> DecodedImage:
     """Decode an image file; the extension is the format hint (needed for preamble-less DICOM)."""
     from pathlib import Path
 
     p = Path(path)
-    return decode_image(p.read_bytes(), FILE_EXTENSIONS.get(p.suffix.lower()))
+    return decode_image(p.read_bytes(), FILE_EXTENSIONS.get(p.suffix.lower()), min_side)

@@ -206,3 +206,16 @@ def test_media_type_mapping():
     assert media_type_format("IMAGE/PNG") == "png"
     assert media_type_format("application/dicom") == "dicom"
     assert media_type_format("text/plain") is None and media_type_format(None) is None
+
+
+def test_jpeg_decodes_at_a_reduced_scale_that_keeps_min_side(originals):
+    from shared.preprocessing import PreprocessSpec, decode_min_side
+
+    path = max(originals, key=lambda p: p.stat().st_size)
+    full = decode_file(path)
+    side = decode_min_side(PreprocessSpec(size=160))
+    small = decode_file(path, side)
+    assert min(small.width, small.height) >= side
+    assert small.width * small.height < full.width * full.height  # a full-size X-ray is drafted down
+    tiny = decode_image(png_bytes(Image.fromarray(gradient(), "L")), None, side)
+    assert (tiny.width, tiny.height) == (96, 64)  # never upscaled, PNG untouched

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from shared.dataset import DatasetLayoutError, Layout, patient_key, scan_channel
 from shared.imaging import FILE_EXTENSIONS, ImageError, decode_image
 from shared.labels import CLASS_NAMES
-from shared.preprocessing import PreprocessSpec, to_model_pixels
+from shared.preprocessing import PreprocessSpec, decode_min_side, to_model_pixels
 
 
 @dataclass
@@ -69,7 +69,7 @@ def _decode_one(path: Path, spec: PreprocessSpec) -> tuple[np.ndarray | None, st
         return None, "", f"cannot read: {exc.strerror or exc}"
     digest = hashlib.sha256(data).hexdigest()
     try:
-        decoded = decode_image(data, FILE_EXTENSIONS.get(path.suffix.lower()))
+        decoded = decode_image(data, FILE_EXTENSIONS.get(path.suffix.lower()), decode_min_side(spec))
     except ImageError as exc:
         return None, digest, exc.message
     return to_model_pixels(decoded.image, spec), digest, ""

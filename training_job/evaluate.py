@@ -22,7 +22,7 @@ from shared.dataset import DatasetLayoutError, scan_channel
 from shared.imaging import ImageError, decode_file
 from shared.labels import CLASS_NAMES
 from shared.predictor import OnnxPredictor
-from shared.preprocessing import to_model_pixels
+from shared.preprocessing import decode_min_side, to_model_pixels
 from training_job.metrics import metrics_at_threshold
 from training_job.report import write_json
 
@@ -52,7 +52,7 @@ def evaluate(bundle_path: Path, data: Path, out: Path, split: str | None = None,
     for rel, label in items:
         path = root / rel.split("/", 1)[1]
         try:
-            decoded = decode_file(path)
+            decoded = decode_file(path, decode_min_side(bundle.preprocessing))
         except ImageError as exc:
             skipped.append({"file": str(path), "reason": exc.message})
             continue
