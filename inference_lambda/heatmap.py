@@ -14,10 +14,10 @@ import io
 import numpy as np
 from PIL import Image
 
-from shared.preprocessing import DISPLAY_SIDE, PreprocessSpec
+from shared.preprocessing import PreprocessSpec
 
 # The picture goes back inside a JSON response that Lambda caps at 6 MB; 512 px is plenty to read.
-DISPLAY_MAX_SIDE = DISPLAY_SIDE
+DISPLAY_MAX_SIDE = 512
 ALPHA = 0.55
 
 # A "jet"-like ramp: dark blue (no evidence) through cyan and yellow to dark red (strongest).

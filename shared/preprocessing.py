@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image
 
 RESIZE_POLICIES = ("stretch", "letterbox", "center_crop")
-DISPLAY_SIDE = 512  # explanations (heatmap overlays) are drawn at up to this many pixels a side
+# The least a decoded picture keeps a side: heatmap overlays are drawn on it and stay legible.
+MIN_DECODE_SIDE = 256
 RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "area": Image.Resampling.BOX}
 
 
@@ -69,10 +70,10 @@ def decode_min_side(spec: PreprocessSpec) -> int:
     """The shortest side a JPEG must keep when decoded (``shared.imaging.decode_image(min_side=)``).
 
     libjpeg can decode at 1/2, 1/4 or 1/8 scale for a fraction of the cost; nothing downstream
-    needs more than the network input or a heatmap overlay. Training, evaluation and serving all
-    decode through this rule, so they see the same pixels.
+    needs more than the network input or a legible heatmap overlay. Training, evaluation and
+    serving all decode through this rule, so they see the same pixels.
     """
-    return max(int(spec.size), DISPLAY_SIDE)
+    return max(int(spec.size), MIN_DECODE_SIDE)
 
 
 def to_model_pixels(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
