@@ -38,7 +38,7 @@ from shared.preprocessing import decode_min_side
 
 from .config import METRICS_NAMESPACE, SERVICE_NAME, Settings
 from .errors import ApiError, BadRequest, MethodNotAllowed, ModelUnavailable, NotFound, error_body
-from .heatmap import overlay_png
+from .heatmap import DISPLAY_MAX_SIDE, overlay_png
 from .inputs import extract_image
 from .model_store import ModelStore
 
@@ -114,7 +114,9 @@ def predict() -> Response:
     if explain:
         t1 = time.perf_counter()
         cam = class_activation_map(bundle, prediction.features, bundle.class_names.index(prediction.label))
-        png = overlay_png(decoded.image, cam, bundle.preprocessing)
+        # The overlay wants more pixels than the network: decode again at display size.
+        display = decode_image(payload.data, payload.declared_format, DISPLAY_MAX_SIDE)
+        png = overlay_png(display.image, cam, bundle.preprocessing)
         body["heatmap_png_base64"] = base64.b64encode(png).decode("ascii")
         heatmap_ms = (time.perf_counter() - t1) * 1000.0
     latency_ms = (time.perf_counter() - started) * 1000.0

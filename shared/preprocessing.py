@@ -20,8 +20,6 @@ import numpy as np
 from PIL import Image
 
 RESIZE_POLICIES = ("stretch", "letterbox", "center_crop")
-# The least a decoded picture keeps a side: heatmap overlays are drawn on it and stay legible.
-MIN_DECODE_SIDE = 256
 RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "area": Image.Resampling.BOX}
 
 
@@ -69,11 +67,11 @@ class PreprocessSpec:
 def decode_min_side(spec: PreprocessSpec) -> int:
     """The shortest side a JPEG must keep when decoded (``shared.imaging.decode_image(min_side=)``).
 
-    libjpeg can decode at 1/2, 1/4 or 1/8 scale for a fraction of the cost; nothing downstream
-    needs more than the network input or a legible heatmap overlay. Training, evaluation and
-    serving all decode through this rule, so they see the same pixels.
+    libjpeg can decode at 1/2, 1/4 or 1/8 scale for a fraction of the cost, and the network sees
+    no more than ``spec.size`` pixels a side. Training, evaluation and serving all decode through
+    this rule, so they see the same pixels.
     """
-    return max(int(spec.size), MIN_DECODE_SIDE)
+    return int(spec.size)
 
 
 def to_model_pixels(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:

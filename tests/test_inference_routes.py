@@ -179,10 +179,7 @@ def test_explain_adds_a_heatmap_png_over_the_xray(inference_app, originals):
     assert img.format == "PNG" and img.mode == "RGB"
     with Image.open(path) as src:
         w, h = src.size
-    # Drawn on the decoded picture: at most 512 px, at least MIN_DECODE_SIDE on its short side.
-    from shared.preprocessing import MIN_DECODE_SIDE
-
-    assert max(img.size) <= 512 and min(img.size) >= MIN_DECODE_SIDE and abs(img.size[0] / img.size[1] - w / h) < 0.01
+    assert max(img.size) == 512 and abs(img.size[0] / img.size[1] - w / h) < 0.01
     rgb = np.asarray(img).astype(int)
     assert (np.abs(rgb[..., 0] - rgb[..., 2]) > 30).any(), "the overlay should be coloured somewhere"
     plain = call(inference_app, api_event(body=path.read_bytes(), content_type="image/jpeg")).json()
