@@ -11,7 +11,6 @@ import fnmatch
 import json
 import os
 import re
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -38,23 +37,11 @@ from infra.pipeline import PIPELINE, STEPS  # noqa: E402
 SAMPLE_LINE = "epoch=3 train_loss=0.1234 val_loss=0.2345 val_auc=0.9876 val_acc=0.9500 lr=0.000100"
 
 
-def _source_root(tmp_path_factory) -> Path:
-    """The repository, or a copy with a placeholder inference Dockerfile while none exists yet."""
-    if (ROOT / INFERENCE_DOCKERFILE).is_file():
-        return ROOT
-    root = tmp_path_factory.mktemp("source-root")
-    for folder in ("shared", "inference_lambda"):
-        if (ROOT / folder).is_dir():
-            shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    (root / "inference_lambda").mkdir(exist_ok=True)
-    (root / INFERENCE_DOCKERFILE).write_text("FROM public.ecr.aws/lambda/python:3.12\n")
-    return root
-
-
 @pytest.fixture(scope="session")
 def synthesized(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("cdk.out")
-    app, stack = build_app(outdir=str(outdir), source_root=_source_root(tmp_path_factory))
+    assert (ROOT / INFERENCE_DOCKERFILE).is_file(), "the stack packages inference_lambda/Dockerfile"
+    app, stack = build_app(outdir=str(outdir), source_root=ROOT)
     assembly = app.synth()  # raises on any unacknowledged cdk-nag finding
     artifact = assembly.get_stack_by_name(stack.stack_name)
     return {"app": app, "stack": stack, "outdir": Path(outdir), "template": artifact.template}
