@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -383,7 +384,7 @@ def run(args, dist_info: Dist) -> Path | None:
     eval_criterion = nn.CrossEntropyLoss()
     augment = D.Augment.preset(args.augment)
     if augment is not None and args.hflip:
-        augment = D.Augment(**{**augment.__dict__, "hflip": True})
+        augment = dataclasses.replace(augment, hflip=True)
 
     ckpt_dir = Path(args.checkpoint_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
