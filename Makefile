@@ -35,7 +35,7 @@ test: install
 
 bench: install
 	$(PY) benchmarks/train_input_benchmark.py
-	$(PY) benchmarks/serving_benchmark.py
+	$(PY) benchmarks/serving_benchmark.py --bundle models/reference/model.tar.gz
 	$(PY) benchmarks/load_test.py
 
 lint: install
