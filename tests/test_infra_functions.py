@@ -7,10 +7,9 @@ import json
 import shutil
 from pathlib import Path
 
+import boto3  # noqa: E402
+import moto  # noqa: E402,F401
 import pytest
-
-boto3 = pytest.importorskip("boto3")
-moto = pytest.importorskip("moto")
 
 from infra.config import load  # noqa: E402
 from infra.functions import gate, notify, register, starter, validate_dataset  # noqa: E402

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import re
 
+import boto3  # noqa: E402
+import moto  # noqa: E402,F401
 import pytest
-
-boto3 = pytest.importorskip("boto3")
-moto = pytest.importorskip("moto")
-pytest.importorskip("sagemaker")
 
 from infra import launch  # noqa: E402
 from infra.config import METRIC_DEFINITIONS, TRAINING_PROGRAM, load  # noqa: E402

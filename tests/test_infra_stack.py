@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
-cdk = pytest.importorskip("aws_cdk")
-cdk_nag = pytest.importorskip("cdk_nag")
-
+import aws_cdk as cdk  # noqa: E402
+import cdk_nag  # noqa: E402
 from aws_cdk.assertions import Annotations, Match, Template  # noqa: E402
 
 from infra.app import build_app  # noqa: E402
