@@ -73,3 +73,26 @@ def test_recipe_sets_defaults_and_flags_override():
     assert (gpu.architecture, gpu.image_size, gpu.epochs) == ("resnet18", 224, 3)
     cpu = parse_args(["--train", str(DATA_224 / "train")])
     assert cpu.recipe == "cpu" and cpu.architecture != "resnet18"
+
+
+def test_weight_average_follows_a_short_run_instead_of_the_initial_weights():
+    from training_job.train import ema_decay_at, ema_update_fn
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update_fn(0.999), use_buffers=True)
+    ema.update_parameters(model)  # the first update copies the (untrained) weights
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+        model[1].num_batches_tracked.fill_(7)
+    for _ in range(300):  # a short run: 300 optimiser steps
+        ema.update_parameters(model)
+    averaged = torch.cat([p.flatten() for p in ema.module.parameters()])
+    # A fixed 0.999 would still hold 0.999**300 = 74 % of the initial zeros (average 0.26).
+    assert float(averaged.min()) > 0.95
+    assert int(ema.module[1].num_batches_tracked) == 7
+    assert ema_decay_at(0.999, 0) == 0.1 and ema_decay_at(0.999, 100_000) == 0.999
+    assert ema_decay_at(0.999, 300) < 0.98

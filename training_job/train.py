@@ -308,6 +308,32 @@ def make_loss(args, train: D.Split, device) -> nn.Module:
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
 
 
+def ema_decay_at(decay: float, updates: int) -> float:
+    """The decay used after ``updates`` averaging steps: ``min(decay, (1 + n) / (10 + n))``.
+
+    A fixed 0.999 keeps 0.999**n of the first weights in the average: after a 1,200-step run (40
+    epochs of 30 batches) that is still 30 % of a nearly untrained network, and the averaged model
+    predicts one class. Warming the decay up makes the average follow the last few hundred steps
+    of a short run and reach ``decay`` only on long ones.
+    """
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
+def ema_update_fn(decay: float):
+    """``multi_avg_fn`` for ``torch.optim.swa_utils.AveragedModel`` with the warmed-up decay."""
+
+    @torch.no_grad()
+    def update(ema_tensors, model_tensors, num_averaged):
+        d = ema_decay_at(decay, int(num_averaged))
+        if torch.is_floating_point(ema_tensors[0]):
+            torch._foreach_lerp_(ema_tensors, model_tensors, 1.0 - d)
+        else:  # integer buffers such as BatchNorm's num_batches_tracked
+            for e, m in zip(ema_tensors, model_tensors, strict=True):
+                e.copy_(m)
+
+    return update
+
+
 def make_schedule(args, optimizer, steps_per_epoch: int):
     total = args.epochs * steps_per_epoch
     if args.scheduler == "onecycle":
@@ -376,8 +402,7 @@ def run(args, dist_info: Dist) -> Path | None:
     scheduler = make_schedule(args, optimizer, steps_per_epoch)
     ema = None
     if args.ema_decay > 0:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update_fn(args.ema_decay), use_buffers=True)
     use_amp = args.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     criterion = make_loss(args, train, device)
