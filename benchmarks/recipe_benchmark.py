@@ -55,12 +55,12 @@ def holdout_split(data: Path = DATA) -> tuple[list[tuple[str, int]], list[tuple[
     return [(rels[i], int(labels[i])) for i in keep], [(rels[i], int(labels[i])) for i in held]
 
 
-def link_tree(items, dest: Path, with_split: bool) -> Path:
+def link_tree(items, dest: Path, with_split: bool, data: Path = DATA) -> Path:
     shutil.rmtree(dest, ignore_errors=True)
     for rel, label in items:
         target = dest / ("train" if with_split else "") / CLASS_NAMES[label] / Path(rel).name
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink((DATA / rel).resolve(), target)
+        os.symlink((data / rel).resolve(), target)
     return dest
 
 
@@ -71,12 +71,12 @@ def sensitivity_at_specificity(y, p, spec: float) -> float:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| recipe | wall min | val AUC | held-out acc | held-out AUC | sens | spec | sens @ spec>=0.90 | settings |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|\n")
+    head = ("| recipe | device | wall min | val AUC | held-out acc | held-out AUC | sens | spec | sens @ spec>=0.90 | "
+            "settings |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n")
     body = ""
     for r in rows:
         h = r["holdout"]
-        body += (f"| {r['name']} | {r['wall_seconds'] / 60:.1f} | {r['val'].get('roc_auc', float('nan')):.4f} | "
+        body += (f"| {r['name']} | {r.get('device', '')} | {r['wall_seconds'] / 60:.1f} | {r['val'].get('roc_auc', float('nan')):.4f} | "
                  f"{h['accuracy']:.4f} | {h['roc_auc']:.4f} | {h['sensitivity']:.4f} | {h['specificity']:.4f} | "
                  f"{h['sens_at_spec90']:.4f} | `{' '.join(r['args']) or '(defaults)'}` |\n")
     notes = "".join(f"- **{r['name']}**: {r['note']}\n" for r in rows if r.get("note"))
@@ -84,9 +84,9 @@ def table(rows: list[dict]) -> str:
 
 
 def render(rows: list[dict]) -> str:
-    return ("# Recipe results (CPU, 2 cores)\n\nHeld-out = 15 % of train, patient-grouped (seed 2018), never used for "
-            "any choice. Wall minutes include decoding, training, calibration, export and evaluation; the runs shared the "
-            "2 cores with other work (load average 4-6), so a quiet machine is faster. Produced by "
+    return ("# Recipe results\n\nHeld-out = 15 % of train, patient-grouped (seed 2018), never used for "
+            "any choice. Wall minutes include decoding, training, calibration, export and evaluation. The CPU runs "
+            "shared 2 cores with other work (load average 4-6), so a quiet machine is faster. Produced by "
             "`python benchmarks/recipe_benchmark.py --name NAME -- HYPERPARAMETERS`.\n\n" + table(rows))
 
 
@@ -95,14 +95,17 @@ def main() -> int:
     ap.add_argument("--name", required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/cxr-recipes"))
     ap.add_argument("--note", default="")
+    ap.add_argument("--data", type=Path, default=DATA,
+                    help="a copy of the data folder (manifest.csv, chest_xray_224/) on a machine without ../shared")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where recipes.jsonl and recipes.md are kept")
     ap.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: hyperparameters for the entrypoint")
     args = ap.parse_args()
     extra = [a for a in args.train_args if a != "--"]
 
-    dev, held = holdout_split()
+    dev, held = holdout_split(args.data)
     work = args.work / args.name
-    dev_root = link_tree(dev, work / "dev", with_split=True)
-    held_root = link_tree(held, work / "holdout", with_split=False)
+    dev_root = link_tree(dev, work / "dev", with_split=True, data=args.data)
+    held_root = link_tree(held, work / "holdout", with_split=False, data=args.data)
     cmd = [sys.executable, "-m", "training_job.train", "--data", str(dev_root), "--model-dir", str(work / "model"),
            "--output-data-dir", str(work / "output"), "--checkpoint-dir", str(work / "checkpoints"),
            "--progress", "plain", *extra]
@@ -125,12 +128,11 @@ def main() -> int:
         "holdout_counts": {"dev": len(dev), "held_out": len(held)},
         "device": bundle["provenance"]["device"],
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "recipes.jsonl", "a") as f:
+    args.results.mkdir(parents=True, exist_ok=True)
+    with open(args.results / "recipes.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
-    rows = [json.loads(line) for line in open(RESULTS / "recipes.jsonl")]
-    md = render(rows)
-    (RESULTS / "recipes.md").write_text(md)
+    rows = [json.loads(line) for line in open(args.results / "recipes.jsonl")]
+    (args.results / "recipes.md").write_text(render(rows))
     print(table([row]))
     return 0
 
