@@ -20,13 +20,13 @@ DICOM tags: only sizes, formats, dimensions, outcomes and timings. Metrics are C
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import pybase64
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, CORSConfig, Response, content_types
 from aws_lambda_powertools.logging import correlation_paths
@@ -117,7 +117,7 @@ def predict() -> Response:
         # The overlay wants more pixels than the network: decode again at display size.
         display = decode_image(payload.data, payload.declared_format, DISPLAY_MAX_SIDE)
         png = overlay_png(display.image, cam, bundle.preprocessing)
-        body["heatmap_png_base64"] = base64.b64encode(png).decode("ascii")
+        body["heatmap_png_base64"] = pybase64.b64encode(png).decode("ascii")
         heatmap_ms = (time.perf_counter() - t1) * 1000.0
     latency_ms = (time.perf_counter() - started) * 1000.0
 
