@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight the loss by inverse class frequency")
     t.add_argument("--augment", default="medium", choices=("none", "light", "medium", "strong"))
     t.add_argument("--hflip", type=_bool, default=False, help="random horizontal flips (anatomy is asymmetric)")
-    t.add_argument("--ema-decay", type=float, default=0.0, help="exponential moving average of weights; 0 = off")
+    t.add_argument("--ema-decay", type=float, default=0.0, help="exponential moving average of weights, decay warmed up as min(d, (1+n)/(10+n)) over n updates; 0 = off")
     t.add_argument("--tta", type=_bool, default=False, help="average predictions over a horizontal flip")
     t.add_argument("--amp", type=_bool, default=True, help="mixed precision (CUDA only)")
     t.add_argument("--seed", type=int, default=42)
