@@ -330,3 +330,16 @@ def test_notify_subject_is_short_ascii():
     state = {"run": {"dataset": "Données-été" * 10, "run_id": "r"}, "error": {"Error": "X", "Cause": "boom"}}
     subject, _ = notify.compose(state, None)
     assert len(subject) <= 100 and subject.isascii()
+
+
+def test_promotion_keeps_the_previous_model_as_fallback():
+    from shared.pointer import ModelPointer
+
+    old = ModelPointer("s3://b/models/a/model.tar.gz", "a" * 64, "model-a", "2026-11-01T00:00:00Z")
+    new = ModelPointer("s3://b/models/b/model.tar.gz", "b" * 64, "model-b", "2026-11-02T00:00:00Z")
+    chained = old.succeeded_by(new)
+    again = ModelPointer.from_json(chained.to_json())
+    assert again.model_version == "model-b"
+    assert again.previous.model_version == "model-a" and again.previous.sha256 == "a" * 64
+    assert again.previous.previous is None  # one level only
+    assert ModelPointer.from_json(new.succeeded_by(again).to_json()).previous.model_version == "model-b"

@@ -7,8 +7,8 @@ loaded until they are recycled. Only this step ever writes the parameter.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-from dataclasses import asdict
 from typing import Any
 
 from shared.pointer import ModelPointer
@@ -38,9 +38,13 @@ def run(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     ModelPointer.from_json(pointer.to_json())  # never write a pointer serving would refuse
     ssm = ctx.clients.ssm
     previous = promoted_pointer(ssm, ctx.settings.pointer_parameter)
+    if previous is not None and previous.sha256 != pointer.sha256:
+        pointer = previous.succeeded_by(pointer)  # serving falls back to it if the new archive cannot load
+    elif previous is not None:  # the same archive again: keep the fallback it already had
+        pointer = dataclasses.replace(pointer, previous=previous.previous)
     ssm.put_parameter(Name=ctx.settings.pointer_parameter, Value=pointer.to_json(), Type="String", Overwrite=True)
     LOG.info("promoted %s (was %s)", pointer.model_version, previous.model_version if previous else "none")
-    return {"pointer": asdict(pointer), "previous_model_version": previous.model_version if previous else None}
+    return {"pointer": pointer.to_dict(), "previous_model_version": previous.model_version if previous else None}
 
 
 handler = lambda_handler(run)
