@@ -9,9 +9,10 @@ import torch
 from conftest import DATA
 
 from shared.dataset import patient_key
+from shared.evaluation import metrics_at_threshold
 from shared.labels import CLASS_NAMES
 from training_job.data import Augment, group_ids, grouped_split
-from training_job.metrics import choose_threshold, fit_temperature, metrics_at_threshold
+from training_job.metrics import choose_threshold, fit_temperature
 
 
 def test_grouped_split_on_the_real_file_list_never_shares_a_patient_or_duplicate():

@@ -19,11 +19,11 @@ import numpy as np
 
 from shared.bundle import BundleError, read_bundle
 from shared.dataset import DatasetLayoutError, scan_channel
+from shared.evaluation import metrics_at_threshold
 from shared.imaging import ImageError, decode_file
 from shared.labels import CLASS_NAMES
 from shared.predictor import OnnxPredictor
 from shared.preprocessing import decode_min_side, to_model_pixels
-from training_job.metrics import metrics_at_threshold
 from training_job.report import write_json
 
 

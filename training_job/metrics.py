@@ -1,43 +1,12 @@
-"""Classification metrics, the decision threshold and the softmax temperature, all chosen on
-validation data. Figures come from scikit-learn; nothing here looks at a test split."""
+"""The decision threshold and the softmax temperature, both chosen on validation data; nothing here
+looks at a test split. The metrics themselves are defined once, in :mod:`shared.evaluation`."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, log_loss, roc_auc_score, roc_curve
-
-
-def metrics_at_threshold(y_true: np.ndarray, p_pos: np.ndarray, threshold: float) -> dict:
-    """Accuracy, sensitivity, specificity, precision, F1, ROC AUC and the confusion matrix.
-
-    The positive class is index 1 (PNEUMONIA); a case is called positive when ``p >= threshold``.
-    """
-    y = np.asarray(y_true).astype(int)
-    p = np.asarray(p_pos, dtype=np.float64)
-    pred = (p >= threshold).astype(int)
-    tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, pred, labels=[0, 1]).ravel())
-    n = tn + fp + fn + tp
-
-    def ratio(a: int, b: int) -> float:
-        return float(a / b) if b else float("nan")
-
-    sens, prec = ratio(tp, tp + fn), ratio(tp, tp + fp)
-    out = {
-        "n": n,
-        "threshold": float(threshold),
-        "accuracy": ratio(tp + tn, n),
-        "sensitivity": sens,
-        "specificity": ratio(tn, tn + fp),
-        "precision": prec,
-        "f1": float(2 * prec * sens / (prec + sens)) if (prec + sens) and not math.isnan(prec + sens) else float("nan"),
-        "roc_auc": float(roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else float("nan"),
-        "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
-        "positives": int(y.sum()),
-        "negatives": int(n - y.sum()),
-    }
-    return out
+from sklearn.metrics import log_loss, roc_curve
 
 
 def choose_threshold(y_true: np.ndarray, p_pos: np.ndarray, target_sensitivity: float = 0.0) -> float:

@@ -41,12 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.dataset import DatasetLayoutError, fingerprint
+from shared.evaluation import metrics_at_threshold
 from shared.imaging import ImageError
 from shared.labels import CLASS_NAMES, POSITIVE_INDEX
 from shared.preprocessing import PreprocessSpec, normalize
 from training_job import data as D
 from training_job.export import ExportError, write_model_bundle
-from training_job.metrics import choose_threshold, fit_temperature, metrics_at_threshold
+from training_job.metrics import choose_threshold, fit_temperature
 from training_job.models import ARCHITECTURES, build_model
 from training_job.recipes import RECIPES
 from training_job.report import write_json, write_report
