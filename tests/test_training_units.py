@@ -77,7 +77,7 @@ def test_recipe_sets_defaults_and_flags_override():
 
 
 def test_weight_average_follows_a_short_run_instead_of_the_initial_weights():
-    from training_job.train import ema_decay_at, ema_update_fn
+    from training_job.engine import ema_decay_at, ema_update_fn
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     with torch.no_grad():

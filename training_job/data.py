@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.dataset import DatasetLayoutError, Layout, patient_key, scan_channel
+from shared.dataset import DatasetLayoutError, Layout, fingerprint, patient_key, scan_channel
 from shared.imaging import FILE_EXTENSIONS, ImageError, decode_image
 from shared.labels import CLASS_NAMES
 from shared.preprocessing import PreprocessSpec, decode_min_side, to_model_pixels
@@ -140,6 +140,49 @@ def grouped_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed:
     return np.sort(keep), np.sort(held)
 
 
+def prepare_data(args, spec: PreprocessSpec, log) -> tuple[Split, Split, dict]:
+    """The data policy of a training run: (train, validation, info).
+
+    Decodes the train (and optional val) channel once; lists skipped files; merges a val channel
+    smaller than ``args.min_val_per_class`` per class into train; splits validation off train by
+    patient when there is none. ``info`` holds the dataset fingerprint, the skipped files, where
+    validation came from and the class counts. Raises :class:`DatasetLayoutError` naming what is wrong.
+    """
+    train_layout = discover(args.train, "train")
+    val_layout = discover(args.val, "val") if args.val else None
+    for layout in (train_layout, val_layout):
+        if layout and layout.ignored_classes:
+            log(f"ignored class folders (not {'/'.join(CLASS_NAMES)}): "
+                + ", ".join(f"{k} ({n} files)" for k, n in layout.ignored_classes.items()))
+        if layout and layout.ignored_files:
+            log(f"ignored {len(layout.ignored_files)} non-image files, e.g. {layout.ignored_files[0][0]}: {layout.ignored_files[0][1]}")
+    limit = args.limit_per_class or None
+    train = load_split(args.train, train_layout, "train", spec, args.workers, limit, log.progress)
+    val = load_split(args.val, val_layout, "val", spec, args.workers, limit, log.progress) if val_layout else None
+    skipped = train.skipped + (val.skipped if val else [])
+    for rel, reason in skipped:
+        log(f"skipped unreadable image {rel}: {reason}")
+    all_files = train_layout.all_files() + (val_layout.all_files() if val_layout else [])
+    info = {"fingerprint": fingerprint(all_files), "skipped": [{"file": r, "reason": why} for r, why in skipped]}
+
+    if val is not None and min(val.class_counts().values()) < args.min_val_per_class:
+        log(f"val channel is too small to choose a threshold on ({val.class_counts()}); "
+            f"merging it into train and splitting by patient")
+        train = Split(torch.cat([train.pixels, val.pixels]), torch.cat([train.labels, val.labels]),
+                        train.relpaths + val.relpaths, train.patients + val.patients, train.digests + val.digests)
+        val = None
+    if val is None:
+        groups = group_ids(train.patients, train.digests)
+        keep, held = grouped_split(train.labels.numpy(), groups, args.val_fraction, args.seed)
+        train, val = train.subset(keep), train.subset(held)
+        info["val_source"] = (f"{args.val_fraction:.0%} of train split off by patient (stratified, grouped by patient "
+                              f"and by byte-identical duplicates, seed {args.seed})")
+    else:
+        info["val_source"] = "the val channel as given"
+    info["counts"] = {"train": train.class_counts(), "val": val.class_counts()}
+    return train, val, info
+
+
 # ---- augmentation on cached uint8 tensors -------------------------------------------------
 
 
@@ -151,9 +194,10 @@ class Augment:
     crop of a border-replicated batch (a random scale per batch, a random translation per image),
     which costs one resize and a slice; rotation needs a full affine resampling per image
     (``grid_sample``), several times dearer on a CPU, so only presets that ask for it pay for it. Photometric:
-    brightness, contrast, gamma, and Gaussian noise drawn from a fixed bank (fresh ``randn`` per
-    pixel would cost more than the rest together). Horizontal flips only when asked: anatomy is
-    not left-right symmetric.
+    brightness, contrast, gamma, Gaussian blur (an unsharp or lower-resolution detector: one
+    sigma per batch, applied to a random half of the images) and Gaussian noise drawn from a fixed
+    bank (fresh ``randn`` per pixel would cost more than the rest together). Horizontal flips only
+    when asked: anatomy is not left-right symmetric.
     """
 
     rotate_deg: float = 0.0
@@ -163,6 +207,7 @@ class Augment:
     contrast: float = 0.15
     gamma: float = 0.15
     noise: float = 0.02
+    blur: float = 0.0  # largest Gaussian sigma in px of the network input; 0 = none
     hflip: bool = False
 
     @classmethod
@@ -173,6 +218,10 @@ class Augment:
             "medium": cls(),
             "strong": cls(rotate_deg=10, scale=0.15, translate=0.08, brightness=0.25, contrast=0.25, gamma=0.25,
                           noise=0.03),
+            # acquisition: what another hospital's detectors and exposure settings change, without
+            # the costly rotation: wider contrast, gamma and scale, blur and noise
+            "acquisition": cls(scale=0.15, translate=0.08, brightness=0.2, contrast=0.3, gamma=0.35, noise=0.03,
+                               blur=1.5),
         }
         if name not in presets:
             raise ValueError(f"unknown augmentation {name!r}; choose one of {', '.join(presets)}")
@@ -209,6 +258,10 @@ class Augment:
         if self.hflip:
             flip = (torch.rand(n, generator=generator) < 0.5).to(dev)
             x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+        if self.blur > 0:
+            sigma = 0.5 + float(torch.rand(1, generator=generator)) * (self.blur - 0.5)
+            pick = (torch.rand(n, generator=generator) < 0.5).to(dev).view(n, 1, 1, 1)
+            x = torch.where(pick, _gaussian_blur(x, sigma), x)
         # Photometric changes: gamma, then contrast about the image mean and brightness folded into
         # one multiply-add; every full-batch pass costs about as much as the whole crop.
         scale = 1.0
@@ -225,6 +278,17 @@ class Augment:
             pick = torch.randint(0, bank.shape[0], (n,), generator=generator).to(dev)
             x = x.add_(bank[pick], alpha=self.noise * 255.0)
         return x.clamp_(0, 255)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of N x 1 x H x W with a kernel of radius ceil(2 sigma), borders replicated."""
+    radius = max(1, math.ceil(2 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-(t ** 2) / (2 * sigma ** 2))
+    k = k / k.sum()
+    x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    return F.conv2d(x, k.view(1, 1, -1, 1))
 
 
 _NOISE: dict = {}

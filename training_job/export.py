@@ -1,7 +1,12 @@
-"""ONNX export, checked against torch before anything is written."""
+"""What a finished run writes: calibration and threshold on validation, the report, and the ONNX
+model bundle, checked against torch before anything is written."""
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -9,8 +14,13 @@ import numpy as np
 import torch
 
 from shared.bundle import INPUT_NAME, OUTPUT_NAMES
+from shared.evaluation import metrics_at_threshold
+from shared.labels import CLASS_NAMES
 
+from . import engine as E
+from .metrics import choose_threshold, fit_temperature
 from .models import Classifier, ExportWrapper
+from .report import write_json, write_report
 
 PARITY_TOLERANCE = 1e-4
 OPSET = 17
@@ -86,3 +96,82 @@ def write_model_bundle(model: Classifier, spec, out_dir: str | Path, *, model_ve
             "provenance": provenance,
         }
         return write_bundle(out_dir, onnx_path, meta, report_dir)
+
+
+def code_version() -> str:
+    """Content hash of the code that trains and serves (no git inside a training container)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for pkg in ("shared", "training_job"):
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return "src-" + h.hexdigest()[:12]
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_outputs(args, spec, model: Classifier, best_path: Path, val, info: dict, history: list, best: dict,
+                  started: str, device, log) -> Path:
+    """Best checkpoint -> temperature and threshold on validation -> report -> ONNX bundle in ``args.model_dir``.
+
+    ``val`` is the validation :class:`training_job.data.Split`; ``log`` prints a line. Raises
+    :class:`ExportError` when the ONNX model does not match torch."""
+    state = torch.load(best_path, map_location="cpu", weights_only=False)
+    model = model.cpu().to(memory_format=torch.contiguous_format)
+    model.load_state_dict({k.removeprefix("module."): v for k, v in state["model"].items() if k != "n_averaged"})
+    model.eval()
+    logits = E.predict_logits(model, val, spec, torch.device("cpu"), 128, args.tta).double().numpy()
+    y = val.labels.numpy()
+    temperature = fit_temperature(logits, y) if args.calibrate else 1.0
+    probs = E.softmax_positive(logits, temperature)
+    threshold = choose_threshold(y, probs, args.target_sensitivity)
+    vm = metrics_at_threshold(y, probs, threshold)
+    vm["temperature"] = temperature
+    vm["best_epoch"] = best["epoch"]
+    finished = utc_now()
+    version = os.environ.get("TRAINING_JOB_NAME") or f"{args.architecture}-{finished.replace(':', '').replace('-', '')}"
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    hp = {k: v for k, v in vars(args).items() if k not in ("train", "val", "data", "model_dir", "output_data_dir", "checkpoint_dir")}
+    provenance = {
+        "dataset": {"fingerprint": info["fingerprint"], "counts": info["counts"], "val_source": info["val_source"],
+                    "skipped": info["skipped"]},
+        "initial_weights": info.get("initial_weights"), "hyperparameters": hp, "code_version": code_version(), "started_at": started, "finished_at": finished,
+        "device": device_name, "torch": torch.__version__,
+    }
+    log(f"best epoch {best['epoch']}: val_auc={vm['roc_auc']:.4f}; temperature {temperature:.3f}; "
+        f"threshold {threshold:.4f} -> accuracy {vm['accuracy']:.4f}, sensitivity {vm['sensitivity']:.4f}, "
+        f"specificity {vm['specificity']:.4f}")
+
+    out_data = Path(args.output_data_dir)
+    out_data.mkdir(parents=True, exist_ok=True)
+    write_json(out_data / "history.json", history)
+    with open(out_data / "val_predictions.csv", "w") as f:
+        f.write("path,label,probability_pneumonia\n")
+        for rel, label, p in zip(val.relpaths, y, probs, strict=True):
+            f.write(f"{rel},{CLASS_NAMES[int(label)]},{p:.6f}\n")
+
+    model_dir = Path(args.model_dir)
+    work = Path(out_data) / "report-staging"
+    shutil.rmtree(work, ignore_errors=True)
+    summary = {
+        "model_version": version, "architecture": args.architecture, "pretrained": args.pretrained,
+        "preprocessing": spec.to_dict(), "best_epoch": best["epoch"], "epochs": args.epochs,
+        "temperature": temperature, "device": device_name, "started_at": started, "finished_at": finished,
+        "counts": info["counts"], "val_source": info["val_source"], "fingerprint": info["fingerprint"],
+        "threshold_policy": (f"the highest threshold with validation sensitivity >= {args.target_sensitivity}"
+                             if args.target_sensitivity else "maximising Youden's J on validation"),
+    }
+    write_report(work, metrics={"validation": vm, "history": history}, y_val=y, p_val=probs, history=history,
+                 summary=summary)
+    try:
+        write_model_bundle(model, spec, model_dir, model_version=version, threshold=threshold, temperature=temperature,
+                           architecture=args.architecture, validation_metrics=vm, provenance=provenance,
+                           report_dir=work)
+    except ExportError as exc:
+        raise ExportError(f"export failed: {exc}") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log(f"bundle written to {model_dir}")
+    return model_dir

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime as dt
+import functools
 import hashlib
 import json
 import math
@@ -37,20 +37,17 @@ if __package__ in (None, ""):  # run as a script inside SageMaker's source direc
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from shared.dataset import DatasetLayoutError, fingerprint
-from shared.evaluation import metrics_at_threshold
+from shared.dataset import DatasetLayoutError
 from shared.imaging import ImageError
-from shared.labels import CLASS_NAMES, POSITIVE_INDEX
-from shared.preprocessing import PreprocessSpec, normalize
+from shared.labels import CLASS_NAMES
+from shared.preprocessing import PreprocessSpec
 from training_job import data as D
-from training_job.export import ExportError, write_model_bundle
-from training_job.metrics import choose_threshold, fit_temperature
-from training_job.models import ARCHITECTURES, build_model
+from training_job import engine as E
+from training_job.export import ExportError, utc_now, write_outputs
+from training_job.models import ARCHITECTURES, PRETRAINED, build_model, input_normalization, pretrained_provenance
 from training_job.recipes import RECIPES
-from training_job.report import write_json, write_report
 
 CHECKPOINT_VERSION = 1
 
@@ -98,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--architecture", default="resnet10", choices=ARCHITECTURES)
     m.add_argument("--width", type=int, default=32, help="first-stage channels of seed_cnn/resnet10; 0 = the architecture's default")
     m.add_argument("--dropout", type=float, default=0.1)
-    m.add_argument("--pretrained", type=_bool, default=False, help="ImageNet weights (downloads; needs internet)")
-    m.add_argument("--image-size", type=int, default=160)
+    m.add_argument("--pretrained", type=_bool, default=False,
+                   help="start from ImageNet weights: for efficientnet_lite0 the packaged ones (offline), for "
+                        "resnet18/34 torchvision's (downloaded: the job needs internet)")
+    m.add_argument("--image-size", type=int, help="network input side in px (each recipe sets its own)")
     m.add_argument("--channels", type=int, default=1, choices=(1, 3))
     m.add_argument("--resize", default="stretch", choices=("stretch", "letterbox", "center_crop"))
 
@@ -114,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--label-smoothing", type=float, default=0.05)
     t.add_argument("--class-weighting", default="balanced", choices=("balanced", "none"),
                    help="weight the loss by inverse class frequency")
-    t.add_argument("--augment", default="medium", choices=("none", "light", "medium", "strong"))
+    t.add_argument("--augment", default="medium", choices=("none", "light", "medium", "strong", "acquisition"),
+                   help="augmentation preset (training_job/data.py: Augment.preset)")
+    t.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(alpha, alpha) parameter; 0 = off")
     t.add_argument("--hflip", type=_bool, default=False, help="random horizontal flips (anatomy is asymmetric)")
     t.add_argument("--ema-decay", type=float, default=0.0, help="exponential moving average of weights, decay warmed up as min(d, (1+n)/(10+n)) over n updates; 0 = off")
     t.add_argument("--tta", type=_bool, default=False, help="average predictions over a horizontal flip")
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--calibrate", type=_bool, default=True, help="fit a softmax temperature on validation")
 
     r = p.add_argument_group("run")
+    v.add_argument("--select-metric", default="roc_auc", choices=("roc_auc", "loss", "accuracy"),
+                   help="the validation figure that chooses the best epoch (ties: the lower validation loss)")
+
     r.add_argument("--recipe", default="cpu", choices=tuple(RECIPES),
                    help="a named set of defaults (training_job/recipes.py); other flags override it")
     r.add_argument("--limit-per-class", type=int, default=0, help="use at most this many images per class (quick runs)")
@@ -152,6 +156,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     recipe, _ = parser.parse_known_args(norm)
     parser.set_defaults(**RECIPES[recipe.recipe])
     args = parser.parse_args(norm)
+    given = {tok.partition("=")[0] for tok in norm if tok.startswith("--")}
+    if args.pretrained and "--pretrained" not in given and args.architecture not in PRETRAINED:
+        args.pretrained = False  # the recipe's weights belong to its own architecture, not to an override
     if args.epochs < 1:
         raise TrainingError(f"epochs must be at least 1 (got {args.epochs}): a zero-epoch run cannot produce a model")
     if args.batch_size < 2:
@@ -183,20 +190,6 @@ def failure_file(args_or_none) -> Path:
         return Path("/opt/ml/output/failure")
     out = getattr(args_or_none, "output_data_dir", None) or os.environ.get("SM_OUTPUT_DATA_DIR") or "runs/output/data"
     return Path(out).parent / "failure"
-
-
-def code_version() -> str:
-    """Content hash of the code that trains and serves (no git inside a training container)."""
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for pkg in ("shared", "training_job"):
-        for f in sorted((root / pkg).rglob("*.py")):
-            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
-    return "src-" + h.hexdigest()[:12]
-
-
-def utc_now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---------------------------------------------------------------- processes
@@ -259,108 +252,6 @@ class Log:
         return tqdm(it, leave=False, dynamic_ncols=True, **kw)
 
 
-def prepare_data(args, spec: PreprocessSpec, log: Log) -> tuple[D.Split, D.Split, dict]:
-    try:
-        train_layout = D.discover(args.train, "train")
-        val_layout = D.discover(args.val, "val") if args.val else None
-    except DatasetLayoutError as exc:
-        raise TrainingError(str(exc)) from None
-    for layout in (train_layout, val_layout):
-        if layout and layout.ignored_classes:
-            log(f"ignored class folders (not {'/'.join(CLASS_NAMES)}): "
-                + ", ".join(f"{k} ({n} files)" for k, n in layout.ignored_classes.items()))
-        if layout and layout.ignored_files:
-            log(f"ignored {len(layout.ignored_files)} non-image files, e.g. {layout.ignored_files[0][0]}: {layout.ignored_files[0][1]}")
-    limit = args.limit_per_class or None
-    try:
-        train = D.load_split(args.train, train_layout, "train", spec, args.workers, limit, log.progress)
-        val = D.load_split(args.val, val_layout, "val", spec, args.workers, limit, log.progress) if val_layout else None
-    except DatasetLayoutError as exc:
-        raise TrainingError(str(exc)) from None
-    skipped = train.skipped + (val.skipped if val else [])
-    for rel, reason in skipped:
-        log(f"skipped unreadable image {rel}: {reason}")
-    all_files = train_layout.all_files() + (val_layout.all_files() if val_layout else [])
-    info = {"fingerprint": fingerprint(all_files), "skipped": [{"file": r, "reason": why} for r, why in skipped]}
-
-    if val is not None and min(val.class_counts().values()) < args.min_val_per_class:
-        log(f"val channel is too small to choose a threshold on ({val.class_counts()}); "
-            f"merging it into train and splitting by patient")
-        train = D.Split(torch.cat([train.pixels, val.pixels]), torch.cat([train.labels, val.labels]),
-                        train.relpaths + val.relpaths, train.patients + val.patients, train.digests + val.digests)
-        val = None
-    if val is None:
-        groups = D.group_ids(train.patients, train.digests)
-        keep, held = D.grouped_split(train.labels.numpy(), groups, args.val_fraction, args.seed)
-        train, val = train.subset(keep), train.subset(held)
-        info["val_source"] = (f"{args.val_fraction:.0%} of train split off by patient (stratified, grouped by patient "
-                              f"and by byte-identical duplicates, seed {args.seed})")
-    else:
-        info["val_source"] = "the val channel as given"
-    info["counts"] = {"train": train.class_counts(), "val": val.class_counts()}
-    return train, val, info
-
-
-def make_loss(args, train: D.Split, device) -> nn.Module:
-    weight = None
-    if args.class_weighting == "balanced":
-        counts = torch.bincount(train.labels, minlength=len(CLASS_NAMES)).float()
-        weight = (counts.sum() / (len(CLASS_NAMES) * counts.clamp_min(1))).to(device)
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
-
-
-def ema_decay_at(decay: float, updates: int) -> float:
-    """The decay used after ``updates`` averaging steps: ``min(decay, (1 + n) / (10 + n))``.
-
-    A fixed 0.999 keeps 0.999**n of the first weights in the average: after a 1,200-step run (40
-    epochs of 30 batches) that is still 30 % of a nearly untrained network, and the averaged model
-    predicts one class. Warming the decay up makes the average follow the last few hundred steps
-    of a short run and reach ``decay`` only on long ones.
-    """
-    return min(decay, (1.0 + updates) / (10.0 + updates))
-
-
-def ema_update_fn(decay: float):
-    """``multi_avg_fn`` for ``torch.optim.swa_utils.AveragedModel`` with the warmed-up decay."""
-
-    @torch.no_grad()
-    def update(ema_tensors, model_tensors, num_averaged):
-        d = ema_decay_at(decay, int(num_averaged))
-        if torch.is_floating_point(ema_tensors[0]):
-            torch._foreach_lerp_(ema_tensors, model_tensors, 1.0 - d)
-        else:  # integer buffers such as BatchNorm's num_batches_tracked
-            for e, m in zip(ema_tensors, model_tensors, strict=True):
-                e.copy_(m)
-
-    return update
-
-
-def make_schedule(args, optimizer, steps_per_epoch: int):
-    total = args.epochs * steps_per_epoch
-    if args.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total, pct_start=0.2)
-    if args.scheduler == "cosine":
-        warm = max(1, int(args.warmup_epochs * steps_per_epoch))
-        return torch.optim.lr_scheduler.SequentialLR(optimizer, [
-            torch.optim.lr_scheduler.LinearLR(optimizer, 0.05, 1.0, warm),
-            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, total - warm)),
-        ], milestones=[warm])
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, split: D.Split, spec: PreprocessSpec, device, batch: int, tta: bool) -> torch.Tensor:
-    model.eval()
-    out = []
-    for i in range(0, len(split), batch):
-        x = normalize(split.pixels[i:i + batch].to(device), spec)
-        logits = model(x).float()
-        if tta:
-            logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
-        out.append(logits.cpu())
-    return torch.cat(out) if out else torch.zeros((0, len(CLASS_NAMES)))
-
-
 def checkpoint_key(args, info: dict) -> str:
     """What must match for a checkpoint to be resumed: the data and every training choice."""
     skip = {"checkpoint_dir", "model_dir", "output_data_dir", "progress", "workers", "train", "val", "data"}
@@ -382,15 +273,18 @@ def run(args, dist_info: Dist) -> Path | None:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     seed_everything(args.seed)
-    spec = PreprocessSpec(size=args.image_size, channels=args.channels, resize=args.resize)
+    mean, std = input_normalization(args.architecture, args.pretrained)
+    spec = PreprocessSpec(size=args.image_size, channels=args.channels, resize=args.resize, mean=mean, std=std)
 
     t0 = time.time()
-    train, val, info = prepare_data(args, spec, log)
+    train, val, info = D.prepare_data(args, spec, log)
     log(f"data: train {info['counts']['train']}, val {info['counts']['val']} ({info['val_source']}); "
         f"decoded once in {time.time() - t0:.1f}s")
 
     try:
-        model = build_model(args.architecture, args.channels, len(CLASS_NAMES), args.width, args.dropout, args.pretrained)
+        model = build_model(args.architecture, args.channels, len(CLASS_NAMES), args.width, args.dropout, args.pretrained,
+                            args.image_size)
+        info["initial_weights"] = pretrained_provenance(args.architecture, args.pretrained)
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
     model.to(device)
@@ -400,14 +294,13 @@ def run(args, dist_info: Dist) -> Path | None:
     optimizer = opt_cls(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     per_rank = math.ceil(len(train) / dist_info.world)
     steps_per_epoch = max(1, per_rank // args.batch_size)
-    scheduler = make_schedule(args, optimizer, steps_per_epoch)
+    scheduler = E.make_schedule(args, optimizer, steps_per_epoch)
     ema = None
     if args.ema_decay > 0:
-        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update_fn(args.ema_decay), use_buffers=True)
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=E.ema_update_fn(args.ema_decay), use_buffers=True)
     use_amp = args.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    criterion = make_loss(args, train, device)
-    eval_criterion = nn.CrossEntropyLoss()
+    criterion = E.make_loss(args, train, device)
     augment = D.Augment.preset(args.augment)
     if augment is not None and args.hflip:
         augment = dataclasses.replace(augment, hflip=True)
@@ -416,7 +309,7 @@ def run(args, dist_info: Dist) -> Path | None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     key = checkpoint_key(args, info)
     history: list[dict] = []
-    best = {"epoch": 0, "val_auc": -1.0, "val_loss": float("inf")}
+    best: dict = {"epoch": 0}
     start_epoch = 1
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     # Rank 0 reads the checkpoint and hands it to every process: on several hosts only the
@@ -448,32 +341,13 @@ def run(args, dist_info: Dist) -> Path | None:
     gen = torch.Generator().manual_seed(args.seed)
     for epoch in range(start_epoch, args.epochs + 1):
         gen.manual_seed(args.seed * 1000 + epoch)  # same batches whether resumed or not
-        ddp_model.train()
         perm = torch.randperm(len(train), generator=gen)
         mine = perm[dist_info.rank::dist_info.world][: steps_per_epoch * args.batch_size]
-        total, count = 0.0, 0
+        batches = [mine[b * args.batch_size:(b + 1) * args.batch_size] for b in range(steps_per_epoch)]
         t_epoch = time.time()
-        batches = range(steps_per_epoch)
-        for b in log.progress(batches, desc=f"epoch {epoch}/{args.epochs}", unit="batch"):
-            idx = mine[b * args.batch_size:(b + 1) * args.batch_size]
-            x = train.pixels[idx].to(device, non_blocking=True).unsqueeze(1).float()
-            y = train.labels[idx].to(device, non_blocking=True)
-            if augment is not None:
-                x = augment(x, gen)
-            x = normalize(x, spec)
-            if device.type == "cpu":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                loss = criterion(ddp_model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
+        total, count = E.train_one_epoch(
+            model, ddp_model, train, spec, optimizer, scheduler, scaler, criterion, augment, ema, batches, device,
+            use_amp, gen, args.mixup, progress=functools.partial(log.progress, desc=f"epoch {epoch}/{args.epochs}", unit="batch"))
         train_loss = total / max(1, count)
         if dist_info.world > 1:
             t = torch.tensor([total, count], dtype=torch.float64, device=device)
@@ -482,19 +356,15 @@ def run(args, dist_info: Dist) -> Path | None:
 
         if dist_info.main:
             eval_model = ema.module if ema is not None else model
-            logits = predict_logits(eval_model, val, spec, device, 128, args.tta)
-            val_loss = float(eval_criterion(logits, val.labels))
-            probs = F.softmax(logits, 1)[:, POSITIVE_INDEX].numpy()
-            m = metrics_at_threshold(val.labels.numpy(), probs, 0.5)
-            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": m["roc_auc"],
-                   "val_acc": m["accuracy"], "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t_epoch}
+            ev = E.evaluate(eval_model, val, spec, device, args.tta)
+            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": ev["val_loss"], "val_auc": ev["val_auc"],
+                   "val_acc": ev["val_acc"], "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t_epoch}
             history.append(row)
             # The metric line SageMaker's MetricDefinitions parse: keep its format stable.
-            print(f"epoch={epoch} train_loss={train_loss:.4f} val_loss={val_loss:.4f} val_auc={m['roc_auc']:.4f} "
-                  f"val_acc={m['accuracy']:.4f} lr={row['lr']:.6f}", flush=True)
-            improved = (m["roc_auc"], -val_loss) > (best["val_auc"], -best["val_loss"])
-            if improved:
-                best = {"epoch": epoch, "val_auc": m["roc_auc"], "val_loss": val_loss}
+            print(f"epoch={epoch} train_loss={train_loss:.4f} val_loss={row['val_loss']:.4f} val_auc={row['val_auc']:.4f} "
+                  f"val_acc={row['val_acc']:.4f} lr={row['lr']:.6f}", flush=True)
+            if E.is_better(row, best, args.select_metric):
+                best = {k: row[k] for k in ("epoch", "val_auc", "val_loss", "val_acc")}
                 save_checkpoint(best_path, {"model": eval_model.state_dict(), "epoch": epoch, "key": key})
             save_checkpoint(last_path, {
                 "version": CHECKPOINT_VERSION, "key": key, "epoch": epoch, "model": model.state_dict(),
@@ -506,71 +376,7 @@ def run(args, dist_info: Dist) -> Path | None:
 
     if not dist_info.main:
         return None
-    return finish(args, spec, model, best_path, val, info, history, best, started, device, log)
-
-
-def finish(args, spec, model, best_path: Path, val: D.Split, info: dict, history: list, best: dict, started: str,
-           device, log: Log) -> Path:
-    """Best checkpoint -> calibration and threshold on validation -> report -> bundle."""
-    state = torch.load(best_path, map_location="cpu", weights_only=False)
-    model = model.cpu().to(memory_format=torch.contiguous_format)
-    model.load_state_dict({k.removeprefix("module."): v for k, v in state["model"].items() if k != "n_averaged"})
-    model.eval()
-    logits = predict_logits(model, val, spec, torch.device("cpu"), 128, args.tta).double().numpy()
-    y = val.labels.numpy()
-    temperature = fit_temperature(logits, y) if args.calibrate else 1.0
-    z = logits / temperature
-    probs = np.exp(z - z.max(1, keepdims=True))
-    probs = (probs / probs.sum(1, keepdims=True))[:, POSITIVE_INDEX]
-    threshold = choose_threshold(y, probs, args.target_sensitivity)
-    vm = metrics_at_threshold(y, probs, threshold)
-    vm["temperature"] = temperature
-    vm["best_epoch"] = best["epoch"]
-    finished = utc_now()
-    version = os.environ.get("TRAINING_JOB_NAME") or f"{args.architecture}-{finished.replace(':', '').replace('-', '')}"
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    hp = {k: v for k, v in vars(args).items() if k not in ("train", "val", "data", "model_dir", "output_data_dir", "checkpoint_dir")}
-    provenance = {
-        "dataset": {"fingerprint": info["fingerprint"], "counts": info["counts"], "val_source": info["val_source"],
-                    "skipped": info["skipped"]},
-        "hyperparameters": hp, "code_version": code_version(), "started_at": started, "finished_at": finished,
-        "device": device_name, "torch": torch.__version__,
-    }
-    log(f"best epoch {best['epoch']}: val_auc={vm['roc_auc']:.4f}; temperature {temperature:.3f}; "
-        f"threshold {threshold:.4f} -> accuracy {vm['accuracy']:.4f}, sensitivity {vm['sensitivity']:.4f}, "
-        f"specificity {vm['specificity']:.4f}")
-
-    out_data = Path(args.output_data_dir)
-    out_data.mkdir(parents=True, exist_ok=True)
-    write_json(out_data / "history.json", history)
-    with open(out_data / "val_predictions.csv", "w") as f:
-        f.write("path,label,probability_pneumonia\n")
-        for rel, label, p in zip(val.relpaths, y, probs, strict=True):
-            f.write(f"{rel},{CLASS_NAMES[int(label)]},{p:.6f}\n")
-
-    model_dir = Path(args.model_dir)
-    work = Path(out_data) / "report-staging"
-    shutil.rmtree(work, ignore_errors=True)
-    summary = {
-        "model_version": version, "architecture": args.architecture, "pretrained": args.pretrained,
-        "preprocessing": spec.to_dict(), "best_epoch": best["epoch"], "epochs": args.epochs,
-        "temperature": temperature, "device": device_name, "started_at": started, "finished_at": finished,
-        "counts": info["counts"], "val_source": info["val_source"], "fingerprint": info["fingerprint"],
-        "threshold_policy": (f"the highest threshold with validation sensitivity >= {args.target_sensitivity}"
-                             if args.target_sensitivity else "maximising Youden's J on validation"),
-    }
-    write_report(work, metrics={"validation": vm, "history": history}, y_val=y, p_val=probs, history=history,
-                 summary=summary)
-    try:
-        write_model_bundle(model, spec, model_dir, model_version=version, threshold=threshold, temperature=temperature,
-                           architecture=args.architecture, validation_metrics=vm, provenance=provenance,
-                           report_dir=work)
-    except ExportError as exc:
-        raise TrainingError(f"export failed: {exc}") from None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    log(f"bundle written to {model_dir}")
-    return model_dir
+    return write_outputs(args, spec, model, best_path, val, info, history, best, started, device, log)
 
 
 def _worker(local_rank: int, args, hosts: list[str], node_rank: int, per_host: int, port: int) -> None:
@@ -619,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run(args, Dist())
         return 0
-    except (TrainingError, ImageError, DatasetLayoutError) as exc:
+    except (TrainingError, ImageError, DatasetLayoutError, ExportError) as exc:
         reason = str(exc)
     except torch.multiprocessing.ProcessRaisedException as exc:
         text = str(exc).strip().splitlines()

@@ -1,0 +1,153 @@
+"""One epoch of training and one pass of evaluation, as torchvision's classification reference
+splits them: the loss, the learning-rate schedule, the weight average and the loop live here;
+``train.py`` reads arguments, launches processes, resumes checkpoints and calls these.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.evaluation import metrics_at_threshold
+from shared.labels import CLASS_NAMES, POSITIVE_INDEX
+from shared.preprocessing import PreprocessSpec, normalize
+
+from . import data as D
+
+# What --select-metric may choose the best epoch by: name -> (history key, larger is better).
+SELECT_METRICS = {"roc_auc": ("val_auc", True), "loss": ("val_loss", False), "accuracy": ("val_acc", True)}
+
+
+def make_loss(args, train: D.Split, device) -> nn.Module:
+    weight = None
+    if args.class_weighting == "balanced":
+        counts = torch.bincount(train.labels, minlength=len(CLASS_NAMES)).float()
+        weight = (counts.sum() / (len(CLASS_NAMES) * counts.clamp_min(1))).to(device)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
+
+
+def ema_decay_at(decay: float, updates: int) -> float:
+    """The decay used after ``updates`` averaging steps: ``min(decay, (1 + n) / (10 + n))``.
+
+    A fixed 0.999 keeps 0.999**n of the first weights in the average: after a 1,200-step run (40
+    epochs of 30 batches) that is still 30 % of a nearly untrained network, and the averaged model
+    predicts one class. Warming the decay up makes the average follow the last few hundred steps
+    of a short run and reach ``decay`` only on long ones.
+    """
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
+def ema_update_fn(decay: float):
+    """``multi_avg_fn`` for ``torch.optim.swa_utils.AveragedModel`` with the warmed-up decay."""
+
+    @torch.no_grad()
+    def update(ema_tensors, model_tensors, num_averaged):
+        d = ema_decay_at(decay, int(num_averaged))
+        if torch.is_floating_point(ema_tensors[0]):
+            torch._foreach_lerp_(ema_tensors, model_tensors, 1.0 - d)
+        else:  # integer buffers such as BatchNorm's num_batches_tracked
+            for e, m in zip(ema_tensors, model_tensors, strict=True):
+                e.copy_(m)
+
+    return update
+
+
+def make_schedule(args, optimizer, steps_per_epoch: int):
+    total = args.epochs * steps_per_epoch
+    if args.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total, pct_start=0.2)
+    if args.scheduler == "cosine":
+        warm = max(1, int(args.warmup_epochs * steps_per_epoch))
+        return torch.optim.lr_scheduler.SequentialLR(optimizer, [
+            torch.optim.lr_scheduler.LinearLR(optimizer, 0.05, 1.0, warm),
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, total - warm)),
+        ], milestones=[warm])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, split: D.Split, spec: PreprocessSpec, device, batch: int, tta: bool) -> torch.Tensor:
+    model.eval()
+    out = []
+    for i in range(0, len(split), batch):
+        x = normalize(split.pixels[i:i + batch].to(device), spec)
+        logits = model(x).float()
+        if tta:
+            logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
+        out.append(logits.cpu())
+    return torch.cat(out) if out else torch.zeros((0, len(CLASS_NAMES)))
+
+
+def train_one_epoch(model: nn.Module, ddp_model: nn.Module, train: D.Split, spec: PreprocessSpec, optimizer,
+                    scheduler, scaler, criterion: nn.Module, augment: D.Augment | None, ema, batches: list[torch.Tensor],
+                    device: torch.device, use_amp: bool, generator: torch.Generator, mixup: float = 0.0,
+                    progress=None) -> tuple[float, int]:
+    """Run ``batches`` (index tensors into ``train``) once; returns (summed loss, images seen).
+
+    ``generator`` draws the augmentation, so a resumed run sees the same batches as an unbroken one.
+    ``mixup`` > 0 blends each batch with a shuffled copy of itself, weight ~ Beta(mixup, mixup), and
+    the loss likewise (Zhang et al., "mixup: Beyond Empirical Risk Minimization", ICLR 2018).
+    Each batch is taken from the ``uint8`` cache, augmented on ``device``, normalised with the
+    bundle's preprocessing spec, and stepped with the optimizer, the scheduler and (if given) the
+    weight average. ``model`` is the bare network the average follows; ``ddp_model`` may wrap it.
+    """
+    ddp_model.train()
+    total, count = 0.0, 0
+    for idx in (progress(batches) if progress else batches):
+        x = train.pixels[idx].to(device, non_blocking=True).unsqueeze(1).float()
+        y = train.labels[idx].to(device, non_blocking=True)
+        if augment is not None:
+            x = augment(x, generator)
+        x = normalize(x, spec)
+        if device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        lam, partner = 1.0, None
+        if mixup > 0:
+            lam = float(torch.distributions.Beta(mixup, mixup).sample())
+            partner = torch.randperm(len(idx), generator=generator).to(device)
+            x = x.mul(lam).add_(x[partner], alpha=1.0 - lam)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            out = ddp_model(x)
+            loss = criterion(out, y) if partner is None else lam * criterion(out, y) + (1 - lam) * criterion(out, y[partner])
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        total += float(loss.detach()) * len(idx)
+        count += len(idx)
+    return total, count
+
+
+def evaluate(model: nn.Module, split: D.Split, spec: PreprocessSpec, device: torch.device, tta: bool) -> dict:
+    """Loss and figures of ``model`` on a labelled split at threshold 0.5 (the per-epoch metric line):
+    ``{"val_loss", "val_auc", "val_acc", "logits"}`` with logits N x 2 float32 on the CPU."""
+    t0 = time.time()
+    logits = predict_logits(model, split, spec, device, 128, tta)
+    loss = float(nn.CrossEntropyLoss()(logits, split.labels))
+    probs = F.softmax(logits, 1)[:, POSITIVE_INDEX].numpy()
+    m = metrics_at_threshold(split.labels.numpy(), probs, 0.5)
+    return {"val_loss": loss, "val_auc": m["roc_auc"], "val_acc": m["accuracy"], "logits": logits,
+            "seconds": time.time() - t0}
+
+
+def is_better(row: dict, best: dict, select_metric: str) -> bool:
+    """Whether epoch ``row`` beats ``best`` on ``select_metric``; ties go to the lower validation loss."""
+    key, larger = SELECT_METRICS[select_metric]
+    if key not in best:
+        return True
+    sign = 1 if larger else -1
+    return (sign * row[key], -row["val_loss"]) > (sign * best[key], -best["val_loss"])
+
+
+def softmax_positive(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """P(PNEUMONIA) of N x 2 logits divided by ``temperature``: N float64 in [0, 1]."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    e = np.exp(z - z.max(1, keepdims=True))
+    return (e / e.sum(1, keepdims=True))[:, POSITIVE_INDEX]
