@@ -60,16 +60,10 @@ KAGGLE_HINT = ('the public Kaggle dataset "Chest X-Ray Images (Pneumonia)" '
                "(kaggle.com/datasets/paultimothymooney/chest-xray-pneumonia), unpacked: pass its chest_xray/ "
                "folder with --data")
 
-# Hyperparameters on top of the entrypoint's defaults. quick: a few minutes on two CPU cores and
-# still good enough for the default gate (ResNet-10 at a quarter of its width, 128 px, a subset).
-# full: the entrypoint's own defaults on all the data. cloud: cdk.json's, as the stack passes them
-# to SageMaker (sized for a GPU instance).
-RECIPES: dict[str, dict[str, str]] = {
-    "quick": {"architecture": "resnet10", "width": "16", "image-size": "128", "epochs": "4",
-              "limit-per-class": "400", "batch-size": "32", "target-sensitivity": "0.95", "workers": "2"},
-    "full": {},
-    "cloud": {},
-}
+# Which of the entrypoint's recipes (training_job/recipes.py) each twin preset runs. quick: a few
+# minutes on two CPU cores; full: the entrypoint's default (cpu) recipe on all the data; cloud:
+# cdk.json's hyperparameters, as the stack passes them to SageMaker (sized for a GPU instance).
+RECIPES: dict[str, dict[str, str]] = {"quick": {"recipe": "quick"}, "full": {"recipe": "cpu"}, "cloud": {}}
 
 
 def _norm_hp(hp: dict[str, Any]) -> dict[str, str]:
