@@ -24,7 +24,12 @@ from infra.packaging import TRAINING_REQUIREMENTS, render_training_requirements,
 from infra.twin.training import hyperparameter_args
 from shared.bundle import read_bundle
 from shared.labels import CLASS_NAMES
-from training_job.container import decode_hyperparameters, to_cmd_args, training_environment, user_hyperparameters
+from training_job.container import (
+    decode_hyperparameters,
+    to_cmd_args,
+    training_environment,
+    user_hyperparameters,
+)
 
 DOCKERFILE = ROOT / "training_job" / "Dockerfile"
 
