@@ -54,8 +54,8 @@ settings = Settings.from_env()
 store = ModelStore(settings)
 
 app = APIGatewayRestResolver(
-    cors=CORSConfig(allow_origin=settings.cors_allow_origin, allow_headers=["Content-Type", "X-Api-Key"],
-                    max_age=600),
+    cors=CORSConfig(allow_origin=settings.cors_allow_origin, extra_origins=list(settings.cors_extra_origins),
+                    allow_headers=["Content-Type", "X-Api-Key"], max_age=600),
     # Explicit: the resolver's debug mode (also switchable by env) prints whole events, bodies included.
     debug=False,
 )

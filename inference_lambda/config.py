@@ -43,6 +43,8 @@ class Settings:
     # Loading during the init phase keeps the download and session creation off the first request.
     load_at_init: bool = True
     cors_allow_origin: str = "*"
+    # Further allowed origins: a request from one of them gets its own origin back (never "*").
+    cors_extra_origins: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -54,4 +56,5 @@ class Settings:
             retry_seconds=_int_env("MODEL_RETRY_SECONDS", 10),
             load_at_init=_bool_env("MODEL_LOAD_AT_INIT", True),
             cors_allow_origin=os.environ.get("CORS_ALLOW_ORIGIN", "*").strip() or "*",
+            cors_extra_origins=tuple(o.strip() for o in os.environ.get("CORS_EXTRA_ORIGINS", "").split(",") if o.strip()),
         )

@@ -28,8 +28,7 @@ def build_app(context: dict | None = None, outdir: str | None = None,
     # CDK CLI, as in tests; values the CLI passes (-c key=value) still win.
     app = cdk.App(context={**cdk_json_context(), **(context or {})}, outdir=outdir)
     config = Config.from_context(app.node.try_get_context)
-    # A concrete region lets synth pick the training image and ARNs for it; without one the
-    # template stays region-agnostic and looks the image up per region at deploy time.
+    # A concrete region fixes ARNs at synth time; without one the template stays region-agnostic.
     region = config.region or os.environ.get("CDK_DEFAULT_REGION")
     account = os.environ.get("CDK_DEFAULT_ACCOUNT")
     env = cdk.Environment(account=account, region=region) if region else None

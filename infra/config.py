@@ -18,18 +18,26 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .functions.common import CHECKPOINTS_PREFIX, DATASETS_PREFIX, MODELS_PREFIX  # noqa: F401 (re-exported)
+from .functions.common import (  # noqa: F401 (re-exported)
+    CHECKPOINTS_PREFIX,
+    DATASETS_PREFIX,
+    MODELS_PREFIX,
+    REFUSED_RUNS_PREFIX,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CDK_JSON = ROOT / "cdk.json"
 
-# The training script inside the submit directory (contract 2); train.py puts the directory
-# above it on sys.path so that `import shared` works when run as a file.
+# The training script (contract 2); train.py puts the directory above it on sys.path so that
+# `import shared` works when run as a file. The training image runs it through its entrypoint,
+# which reads SageMaker's /opt/ml contract (training_job/container.py).
 TRAINING_PROGRAM = "training_job/train.py"
+TRAINING_ENTRYPOINT = "training_job/container.py"
+TRAINING_DOCKERFILE = "training_job/Dockerfile"
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
 
-# Uploaded by `launch` when it stages the submit directory itself.
-CODE_PREFIX = "code/"
+_ECR_URI = re.compile(r"^(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(?:\.cn)?/"
+                      r"(?P<repo>[^:@]+)[:@].+$")
 
 # One metric line per epoch (contract 2), e.g.
 #   epoch=3 train_loss=0.1234 val_loss=0.2345 val_auc=0.9876 val_acc=0.9500 lr=0.000100
@@ -40,6 +48,10 @@ METRIC_DEFINITIONS: tuple[dict[str, str], ...] = tuple(
 )
 
 _KNOWN_PERIODS = ("DAY", "WEEK", "MONTH")
+API_AUTHORIZATIONS = ("apiKey", "iam", "cognito")
+_COGNITO_POOL_ARN = re.compile(r"arn:aws[a-z-]*:cognito-idp:[a-z0-9-]+:\d{12}:userpool/[\w-]+_[0-9a-zA-Z]+")
+# Keys of predictionMixBand: the share of PNEUMONIA answers that is normal, and how it is watched.
+PREDICTION_MIX_KEYS = ("low", "high", "window_hours", "min_predictions")
 
 
 class ConfigError(ValueError):
@@ -51,12 +63,14 @@ class Config:
     stack_name: str = "CxrPneumonia"
     region: str = ""
     training_image_uri: str = ""
-    training_image_uris: dict[str, str] = field(default_factory=dict)
-    pytorch_version: str = "2.8.0"
-    python_version: str = "py312"
     training_instance_type: str = "ml.g4dn.xlarge"
     training_instance_count: int = 1
     training_volume_size_gb: int = 50
+    training_network_isolation: bool = True
+    training_vpc_subnet_ids: list[str] = field(default_factory=list)
+    training_vpc_security_group_ids: list[str] = field(default_factory=list)
+    max_training_runs_per_day: int = 4
+    monthly_budget_usd: float = 0.0
     use_spot_instances: bool = True
     max_runtime_seconds: int = 7200
     max_wait_seconds: int = 14400
@@ -67,11 +81,18 @@ class Config:
     gate_min_improvement: float = 0.0
     inference_memory_mb: int = 2048
     inference_timeout_seconds: int = 29
+    inference_reserved_concurrency: int = 0
+    inference_provisioned_concurrency: int = 0
     api_throttle_rate_limit: float = 10.0
     api_throttle_burst_limit: int = 20
     api_quota_limit: int = 5000
     api_quota_period: str = "DAY"
-    cors_allow_origins: list[str] = field(default_factory=lambda: ["*"])
+    cors_allow_origins: list[str] = field(default_factory=list)
+    api_authorization: str = "apiKey"
+    cognito_user_pool_arn: str = ""
+    waf_enabled: bool = False
+    waf_rate_limit: int = 1000
+    prediction_mix_band: dict[str, float] = field(default_factory=dict)
     notification_email: str = ""
     metrics_namespace: str = "CxrPneumonia"
     service_name: str = "cxr-inference"
@@ -133,8 +154,38 @@ class Config:
         for key, value in self.hyperparameters.items():
             if key.startswith("sagemaker_"):
                 problems.append(f"hyperparameters.{key}: sagemaker_* names are set by the pipeline")
-            if len(str(value)) > 2500:
+            if len(json.dumps(value)) > 2500:
                 problems.append(f"hyperparameters.{key} is longer than SageMaker's 2500 characters")
+        if bool(self.training_vpc_subnet_ids) != bool(self.training_vpc_security_group_ids):
+            problems.append("trainingVpcSubnetIds and trainingVpcSecurityGroupIds go together: set both or neither")
+        if self.max_training_runs_per_day < 0:
+            problems.append("maxTrainingRunsPerDay must be 0 (no cap) or more")
+        if self.monthly_budget_usd < 0:
+            problems.append("monthlyBudgetUsd must be 0 (no budget) or more")
+        if self.inference_reserved_concurrency < 0 or self.inference_provisioned_concurrency < 0:
+            problems.append("inferenceReservedConcurrency and inferenceProvisionedConcurrency must be 0 or more")
+        if (self.inference_reserved_concurrency and
+                self.inference_provisioned_concurrency > self.inference_reserved_concurrency):
+            problems.append("inferenceProvisionedConcurrency cannot exceed inferenceReservedConcurrency")
+        if self.api_authorization not in API_AUTHORIZATIONS:
+            problems.append(f"apiAuthorization must be one of {', '.join(API_AUTHORIZATIONS)}")
+        if self.api_authorization == "cognito" and not _COGNITO_POOL_ARN.fullmatch(self.cognito_user_pool_arn):
+            problems.append("apiAuthorization=cognito needs cognitoUserPoolArn, the ARN of an existing user pool")
+        if not 10 <= self.waf_rate_limit <= 2_000_000_000:
+            problems.append("wafRateLimit must be between 10 and 2000000000 requests per 5 minutes")
+        if "*" in self.cors_allow_origins and len(self.cors_allow_origins) > 1:
+            problems.append("corsAllowOrigins: '*' cannot be combined with named origins")
+        for origin in self.cors_allow_origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s*]+", origin):
+                problems.append(f"corsAllowOrigins: {origin!r} is not an origin (scheme://host[:port])")
+        unknown = set(self.prediction_mix_band) - set(PREDICTION_MIX_KEYS)
+        if unknown:
+            problems.append(f"predictionMixBand: unknown keys {sorted(unknown)}; known: {', '.join(PREDICTION_MIX_KEYS)}")
+        band = self.prediction_mix()
+        if not 0.0 <= band["low"] < band["high"] <= 1.0:
+            problems.append("predictionMixBand needs 0 <= low < high <= 1")
+        if band["window_hours"] < 1 or band["min_predictions"] < 1:
+            problems.append("predictionMixBand.window_hours and min_predictions must be at least 1")
         if self.notification_email and not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", self.notification_email):
             problems.append(f"notificationEmail {self.notification_email!r} is not an e-mail address")
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{0,100}", self.stack_name):
@@ -145,8 +196,29 @@ class Config:
     # ------------------------------------------------------------------ derived values
 
     def training_hyperparameters(self) -> dict[str, str]:
-        """The user-facing hyperparameters as SageMaker wants them: strings."""
-        return {str(k): _hp_string(v) for k, v in self.hyperparameters.items()}
+        """The user-facing hyperparameters as the SageMaker SDK sends them: each value JSON-encoded
+        (``"gpu"`` -> ``'"gpu"'``, ``10`` -> ``'10'``, ``True`` -> ``'true'``), the encoding the
+        container decodes (:func:`training_job.container.decode_hyperparameters`)."""
+        return encode_hyperparameters(self.hyperparameters)
+
+    def prediction_mix(self) -> dict[str, float]:
+        """The band of the share of PNEUMONIA answers outside which the drift alarm fires.
+
+        Defaults: the expected share is prevalence x sensitivity + (1 - prevalence) x (1 - specificity).
+        On the Kaggle test split (62.5 % PNEUMONIA) and the held-out part of train (74 %), with the
+        gate's floor of sensitivity 0.9 and specificity 0.7 at one end and the reference model's
+        figures at the other, it lies between about 0.60 and 0.80 (README, Results); 0.45-0.90 leaves
+        room for ordinary day-to-day case mix. ``window_hours``: the window the share is taken over;
+        ``min_predictions``: fewer answers than this in a window are not judged."""
+        band = {"low": 0.45, "high": 0.90, "window_hours": 6, "min_predictions": 30}
+        band.update({k: float(v) for k, v in self.prediction_mix_band.items() if k in band})
+        band["window_hours"], band["min_predictions"] = int(band["window_hours"]), int(band["min_predictions"])
+        return band
+
+    def training_volume_kms(self) -> bool:
+        """Whether the training volume can take a KMS key: not on instance types with NVMe instance
+        storage, which the hardware encrypts and for which SageMaker refuses ``VolumeKmsKeyId``."""
+        return not instance_storage(self.training_instance_type)
 
     def gate_settings(self) -> dict[str, Any]:
         """What the quality-gate step needs (handed to the function as JSON)."""
@@ -157,9 +229,15 @@ class Config:
             "min_improvement": float(self.gate_min_improvement),
         }
 
-    def image_uri_for(self, region: str) -> str | None:
-        """An explicitly configured training image for ``region``, if any."""
-        return self.training_image_uris.get(region) or self.training_image_uri or None
+
+
+def ecr_repository_arn(image_uri: str) -> str:
+    """The ECR repository ARN an image URI pulls from (``*`` parts for an image outside ECR)."""
+    m = _ECR_URI.match(image_uri)
+    if not m:
+        return "arn:aws:ecr:*:*:repository/*"
+    partition = "aws-cn" if ".amazonaws.com.cn/" in image_uri else "aws"
+    return f"arn:{partition}:ecr:{m['region']}:{m['account']}:repository/{m['repo']}"
 
 
 def context_key(attr: str) -> str:
@@ -185,12 +263,21 @@ def load(overrides: Mapping[str, Any] | None = None, path: Path = CDK_JSON) -> C
     return Config.from_context(lambda k: over.get(k), defaults)
 
 
-def _hp_string(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, sort_keys=True)
-    return str(value)
+def encode_hyperparameters(hyperparameters: Mapping[str, Any]) -> dict[str, str]:
+    """``{name: json.dumps(value)}``, as the SageMaker Python SDK's framework estimators send
+    hyperparameters (``sagemaker.estimator.Framework._json_encode_hyperparameters``)."""
+    return {str(k): json.dumps(v) for k, v in hyperparameters.items()}
+
+
+# Instance families with NVMe instance storage: SageMaker encrypts those volumes in hardware and
+# rejects a VolumeKmsKeyId for them (CreateTrainingJob, ResourceConfig.VolumeKmsKeyId).
+_INSTANCE_STORAGE_FAMILIES = re.compile(r"ml\.(g4dn|g5|g6|g6e|gr6|p3dn|p4d|p4de|p5|p5e|p5en|p6-b200|trn1|trn1n|trn2|"
+                                        r"c5d|m5d|r5d|c6id|m6id|r6id)\.")
+
+
+def instance_storage(instance_type: str) -> bool:
+    """True for the SageMaker instance types whose training volume is NVMe instance storage."""
+    return bool(_INSTANCE_STORAGE_FAMILIES.match(instance_type))
 
 
 def _coerce(key: str, raw: Any, default: Any, default_factory_value: Any) -> Any:

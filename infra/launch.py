@@ -4,16 +4,18 @@
 
     python -m infra.launch --dataset s3://<data bucket>/datasets/<name>/ --role <SageMakerRoleArn> [--wait]
 
-Image, framework and Python version, instance type, managed spot, run/wait limits,
-hyperparameters and metric definitions come from :mod:`infra.config` (cdk.json context, the same
-values the stack uses; ``-c key=value`` overrides like ``cdk -c``). The submit directory is the
-same reproducible ``tar.gz`` the stack ships, uploaded under ``code/`` of the artifacts bucket;
-the model lands under ``models/<job>/`` and checkpoints under ``checkpoints/<job>/`` there.
+Instance type, managed spot, run/wait limits, network isolation, inter-container encryption,
+VPC, volume encryption, hyperparameters (JSON-encoded, as the state machine sends them) and
+metric definitions come from :mod:`infra.config` (cdk.json context, the same values the stack
+uses; ``-c key=value`` overrides like ``cdk -c``). The image is the deployed stack's training image
+(its ``TrainingImage`` output; ``--image-uri`` or ``trainingImageUri`` to choose another), which
+holds the code: nothing is uploaded. The model lands under ``models/<job>/`` and checkpoints under
+``checkpoints/<job>/`` of the artifacts bucket.
 The dataset is checked with :mod:`shared.dataset` first, as the pipeline's validate step does.
 The job is not gated, registered or promoted: that is the pipeline's work.
 
-``--role`` and ``--artifacts-bucket`` default to the deployed stack's outputs
-(``SageMakerRoleArn``, ``ArtifactsBucketName``, ``DataKeyArn``).
+``--role``, ``--artifacts-bucket`` and ``--image-uri`` default to the deployed stack's outputs
+(``SageMakerRoleArn``, ``ArtifactsBucketName``, ``DataKeyArn``, ``TrainingImage``).
 """
 
 from __future__ import annotations
@@ -29,17 +31,14 @@ from typing import Any
 from .config import (
     CHECKPOINT_LOCAL_PATH,
     CHECKPOINTS_PREFIX,
-    CODE_PREFIX,
     METRIC_DEFINITIONS,
     MODELS_PREFIX,
-    TRAINING_PROGRAM,
     Config,
     ConfigError,
     load,
 )
 from .functions.common import DatasetInvalid, StepError, parse_s3_uri, run_id
 from .functions.validate_dataset import channels, list_relpaths
-from .packaging import build_training_source
 
 LOG = logging.getLogger("cxr.launch")
 
@@ -80,35 +79,30 @@ def dataset_channels(s3: Any, dataset_uri: str) -> tuple[str, list[dict[str, Any
     return name, channels(bucket, prefix, layout), layout.fingerprint()
 
 
-def upload_source(s3: Any, bucket: str) -> str:
-    archive = build_training_source()
-    key = f"{CODE_PREFIX}{archive.name}"
-    s3.upload_file(str(archive), bucket, key)
-    return f"s3://{bucket}/{key}"
-
-
-def build_estimator(config: Config, *, role: str, image_uri: str, source_uri: str, artifacts_bucket: str,
+def build_estimator(config: Config, *, role: str, image_uri: str, artifacts_bucket: str,
                     job_name: str, session: Any, kms_key: str | None = None,
                     tags: list[dict[str, str]] | None = None) -> Any:
     """The SDK estimator for one job; every setting comes from ``config``."""
-    from sagemaker.pytorch import PyTorch
+    from sagemaker.estimator import Estimator
 
-    return PyTorch(
-        entry_point=TRAINING_PROGRAM,
-        source_dir=source_uri,
-        role=role,
+    return Estimator(
         image_uri=image_uri,
-        framework_version=config.pytorch_version,
-        py_version=config.python_version,
+        role=role,
         instance_type=config.training_instance_type,
         instance_count=config.training_instance_count,
         volume_size=config.training_volume_size_gb,
+        volume_kms_key=kms_key if kms_key and config.training_volume_kms() else None,
         use_spot_instances=config.use_spot_instances,
         max_run=config.max_runtime_seconds,
         max_wait=config.max_wait_seconds if config.use_spot_instances else None,
+        # Already JSON-encoded (Config.training_hyperparameters): the generic estimator sends them as they are.
         hyperparameters=config.training_hyperparameters(),
         metric_definitions=[dict(m) for m in METRIC_DEFINITIONS],
         enable_sagemaker_metrics=True,
+        enable_network_isolation=config.training_network_isolation,
+        encrypt_inter_container_traffic=config.training_instance_count > 1,
+        subnets=list(config.training_vpc_subnet_ids) or None,
+        security_group_ids=list(config.training_vpc_security_group_ids) or None,
         checkpoint_s3_uri=f"s3://{artifacts_bucket}/{CHECKPOINTS_PREFIX}{job_name}/",
         checkpoint_local_path=CHECKPOINT_LOCAL_PATH,
         output_path=f"s3://{artifacts_bucket}/{MODELS_PREFIX}",
@@ -125,8 +119,6 @@ def build_estimator(config: Config, *, role: str, image_uri: str, source_uri: st
 def launch(args: argparse.Namespace, *, boto_session: Any = None) -> dict[str, Any]:
     import boto3
 
-    from . import training_image
-
     overrides = dict(kv.split("=", 1) for kv in args.context)
     if args.instance_type:
         overrides["trainingInstanceType"] = args.instance_type
@@ -141,6 +133,10 @@ def launch(args: argparse.Namespace, *, boto_session: Any = None) -> dict[str, A
     role = args.role or outputs.get("SageMakerRoleArn")
     artifacts = args.artifacts_bucket or outputs.get("ArtifactsBucketName")
     kms_key = args.kms_key or outputs.get("DataKeyArn")
+    image_uri = args.image_uri or config.training_image_uri or outputs.get("TrainingImage")
+    if not image_uri:
+        raise LaunchError(f"no training image: deploy the stack {config.stack_name} (its TrainingImage output) or "
+                          "pass --image-uri")
     if not role or not artifacts:
         raise LaunchError(f"no deployed stack {config.stack_name} to read the role and artifacts bucket from: "
                           "pass --role and --artifacts-bucket")
@@ -154,7 +150,7 @@ def launch(args: argparse.Namespace, *, boto_session: Any = None) -> dict[str, A
 
     session = sagemaker.Session(boto_session=boto_session, default_bucket=artifacts)
     estimator = build_estimator(
-        config, role=role, image_uri=training_image.resolve(config, region), source_uri=upload_source(s3, artifacts),
+        config, role=role, image_uri=image_uri,
         artifacts_bucket=artifacts, job_name=job_name, session=session, kms_key=kms_key,
         tags=[{"Key": "cxr:dataset", "Value": name}, {"Key": "cxr:run-id", "Value": job_name},
               {"Key": "cxr:dataset-fingerprint", "Value": fingerprint}])
@@ -179,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="stream the job's log and wait for it to end")
     p.add_argument("--job-name", help="training job name (default: derived from the dataset name)")
     p.add_argument("--artifacts-bucket", help="default: the stack's ArtifactsBucketName output")
+    p.add_argument("--image-uri", help="training image (default: the stack's TrainingImage output)")
     p.add_argument("--kms-key", help="KMS key for the model artifacts (default: the stack's DataKeyArn output)")
     p.add_argument("--region", help="AWS region (default: the AWS CLI's)")
     p.add_argument("-c", "--context", action="append", default=[], metavar="KEY=VALUE",

@@ -1,24 +1,21 @@
-"""Build the two code bundles the stack ships, byte for byte reproducible.
+"""Stage the Docker build contexts of the stack's images, and the training image's pins.
 
-- :func:`build_training_source`: the SageMaker submit directory as a ``.tar.gz`` (SageMaker's
-  ``sagemaker_submit_directory`` must be a gzipped tar; a CDK directory asset would be a zip).
-  It holds ``training_job/``, ``shared/`` and ``requirements.txt`` at the root.
-- :func:`stage_functions_context`: the Docker build context of the pipeline functions' image
-  (``infra/functions/`` and ``shared/`` and the project's base dependency pins).
+- :func:`stage_training_context`: the training image (``training_job/Dockerfile``): ``training_job/``,
+  ``shared/`` and ``requirements.txt`` (``training_job/requirements.txt``, generated from
+  pyproject.toml by ``python -m infra.packaging``).
+- :func:`stage_functions_context`: the pipeline functions' image (``infra/functions/`` and
+  ``shared/`` and the project's base dependency pins).
 
-Both are content addressed: same sources, same bytes, same CDK asset hash, so an unchanged
-checkout never re-uploads or rebuilds anything. Entries are sorted, owners and times zeroed, and
-caches left out.
+Both are content addressed: same sources, same folder name, same CDK asset hash, so an unchanged
+checkout never rebuilds anything. Caches are left out.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import os
 import shutil
-import tarfile
+import sys
 import tempfile
 import tomllib
 from pathlib import Path
@@ -28,8 +25,6 @@ from .config import ROOT
 STAGING_DIR = ROOT / "build" / "infra"
 _SKIP_DIRS = {"__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache", "node_modules", ".ipynb_checkpoints"}
 _SKIP_SUFFIXES = (".pyc", ".pyo")
-# The PyTorch training container already has these, built for its CUDA.
-_CONTAINER_PROVIDED = {"torch", "torchvision"}
 
 
 def _files(root: Path, package: str) -> list[tuple[str, Path]]:
@@ -45,27 +40,35 @@ def _files(root: Path, package: str) -> list[tuple[str, Path]]:
     return out
 
 
-def _requirement_name(spec: str) -> str:
-    for sep in ("==", ">=", "<=", "~=", "!=", ">", "<", "[", ";", " "):
-        spec = spec.split(sep, 1)[0]
-    return spec.strip().lower()
+TRAINING_DOCKERFILE = ROOT / "training_job" / "Dockerfile"
+TRAINING_REQUIREMENTS = ROOT / "training_job" / "requirements.txt"
+TRAINING_EXTRA = "train"
 
 
-def training_requirements(root: Path = ROOT) -> str:
-    """``requirements.txt`` for the container: training_job's own file, else the pinned pyproject
-    dependencies (base + ``train`` extra) without what the container provides."""
-    own = root / "training_job" / "requirements.txt"
-    if own.is_file():
-        return own.read_text()
+def project_requirements(*extras: str, root: Path = ROOT) -> list[str]:
+    """The pinned ``[project] dependencies`` of pyproject.toml, then those of each extra, without repeats."""
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
-    specs = list(project.get("dependencies", [])) + list(project.get("optional-dependencies", {}).get("train", []))
-    keep = [s for s in specs if _requirement_name(s) not in _CONTAINER_PROVIDED]
-    return "# The SageMaker PyTorch container provides torch and torchvision.\n" + "\n".join(keep) + "\n"
+    reqs: list[str] = []
+    for req in [*project.get("dependencies", []),
+                *(r for extra in extras for r in project.get("optional-dependencies", {})[extra])]:
+        if req not in reqs:
+            reqs.append(req)
+    return reqs
 
 
-def training_source_members(root: Path = ROOT) -> list[tuple[str, bytes]]:
-    members = [(rel, path.read_bytes()) for pkg in ("training_job", "shared") for rel, path in _files(root, pkg)]
-    members.append(("requirements.txt", training_requirements(root).encode()))
+def render_training_requirements(root: Path = ROOT) -> str:
+    """``training_job/requirements.txt``: everything the training image installs, torch included."""
+    return (f"# Generated from pyproject.toml ([project] dependencies + the \"{TRAINING_EXTRA}\" extra) by\n"
+            "#   python -m infra.packaging\n"
+            "# The training image installs exactly these; CI tests the same pins. Do not edit by hand.\n"
+            + "".join(f"{r}\n" for r in project_requirements(TRAINING_EXTRA, root=root)))
+
+
+def training_context_members(root: Path = ROOT) -> list[tuple[str, bytes]]:
+    members = [(rel, path.read_bytes()) for pkg in ("training_job", "shared") for rel, path in _files(root, pkg)
+               if rel not in ("training_job/Dockerfile", "training_job/requirements.txt")]
+    members.append(("Dockerfile", (root / "training_job" / "Dockerfile").read_bytes()))
+    members.append(("requirements.txt", (root / "training_job" / "requirements.txt").read_bytes()))
     return sorted(members)
 
 
@@ -76,35 +79,12 @@ def _digest(members: list[tuple[str, bytes]]) -> str:
     return h.hexdigest()
 
 
-def write_tarball(members: list[tuple[str, bytes]], dest: Path) -> Path:
-    """A gzipped tar whose bytes depend only on ``members`` (no times, owners or file order)."""
-    buf = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as gz:
-        with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for rel, data in sorted(members):
-                info = tarfile.TarInfo(rel)
-                info.size = len(data)
-                info.mtime = 0
-                info.mode = 0o644
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                tar.addfile(info, io.BytesIO(data))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + f".{os.getpid()}.part")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, dest)
-    return dest
-
-
-def build_training_source(out_dir: Path = STAGING_DIR, root: Path = ROOT) -> Path:
-    """The submit directory archive, named by its content hash; reused when already built."""
-    members = training_source_members(root)
+def stage_training_context(out_dir: Path = STAGING_DIR, root: Path = ROOT) -> Path:
+    """A folder holding exactly the training image's Docker build context."""
+    members = training_context_members(root)
     if not any(rel == "training_job/train.py" for rel, _ in members):
         raise FileNotFoundError(f"{root / 'training_job' / 'train.py'} is missing: nothing to train with")
-    dest = Path(out_dir) / f"training-source-{_digest(members)[:20]}.tar.gz"
-    if not dest.is_file():
-        write_tarball(members, dest)
-    return dest
+    return _stage(members, Path(out_dir) / f"training-context-{_digest(members)[:20]}")
 
 
 FUNCTIONS_DOCKERFILE = Path(__file__).resolve().parent / "functions" / "Dockerfile"
@@ -121,18 +101,20 @@ def functions_context_members(root: Path = ROOT) -> list[tuple[str, bytes]]:
 
 def base_requirements(root: Path = ROOT) -> str:
     """What ``shared/`` needs (the project's base dependencies, pinned in pyproject.toml)."""
-    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
-    return "\n".join(project.get("dependencies", [])) + "\n"
+    return "\n".join(project_requirements(root=root)) + "\n"
 
 
 def stage_functions_context(out_dir: Path = STAGING_DIR, root: Path = ROOT) -> Path:
     """A folder holding exactly the pipeline functions' Docker build context."""
     members = functions_context_members(root)
-    dest = Path(out_dir) / f"functions-context-{_digest(members)[:20]}"
+    return _stage(members, Path(out_dir) / f"functions-context-{_digest(members)[:20]}")
+
+
+def _stage(members: list[tuple[str, bytes]], dest: Path) -> Path:
     if dest.is_dir():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".functions-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=".context-", dir=dest.parent))
     try:
         for rel, data in members:
             target = tmp / rel
@@ -146,3 +128,13 @@ def stage_functions_context(out_dir: Path = STAGING_DIR, root: Path = ROOT) -> P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def main() -> int:
+    TRAINING_REQUIREMENTS.write_text(render_training_requirements())
+    print(f"wrote {TRAINING_REQUIREMENTS.relative_to(ROOT)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

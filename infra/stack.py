@@ -11,6 +11,7 @@ from constructs import Construct
 from .config import ROOT, Config
 from .constructs.monitoring import Monitoring
 from .constructs.notifications import Notifications
+from .constructs.operations import PROJECT_TAG, Operations
 from .constructs.registry import ModelRegistry
 from .constructs.serving import Serving
 from .constructs.storage import Storage
@@ -33,7 +34,9 @@ class CxrPneumoniaStack(Stack):
         self.monitoring = Monitoring(self, "Monitoring", config=config, api=self.serving.api,
                                      function=self.serving.function, state_machine=self.training.state_machine,
                                      dead_letters=self.training.dead_letters, topic=self.notifications.topic)
-        Tags.of(self).add("project", "cxr-pneumonia")
+        self.operations = Operations(self, "Operations", config=config, dashboard=self.monitoring.dashboard,
+                                     topic=self.notifications.topic, key=self.storage.key)
+        Tags.of(self).add(*PROJECT_TAG)
 
         acknowledge(self, [
             ("HIPAA.Security-IAMNoInlinePolicy",

@@ -29,8 +29,9 @@ def test_requirements_txt_is_what_pyproject_says():
 
 
 def base_image() -> tuple[str, str]:
-    m = re.search(r"^FROM\s+(public\.ecr\.aws/lambda/python):(\d+\.\d+)\s*$", DOCKERFILE.read_text(), re.MULTILINE)
-    assert m, "the Dockerfile must build on the AWS Lambda Python base image"
+    m = re.search(r"^FROM\s+(public\.ecr\.aws/lambda/python):(\d+\.\d+)@sha256:[0-9a-f]{64}\s*$",
+                  DOCKERFILE.read_text(), re.MULTILINE)
+    assert m, "the Dockerfile must build on the AWS Lambda Python base image, pinned by digest"
     return m.group(1), m.group(2)
 
 

@@ -47,9 +47,12 @@ def test_cdk_synth_succeeds_offline(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     template = json.loads((out / "CxrPneumonia.template.json").read_text())
     assert "AwsSolutions-" not in proc.stderr and "HIPAA.Security-" not in proc.stderr
-    # With a concrete region, the training image is resolved at synth time for that region.
+    # The training job runs the training image asset, isolated from the network.
     [machine] = [r for r in template["Resources"].values() if r["Type"] == "AWS::StepFunctions::StateMachine"]
     definition = json.dumps(machine["Properties"]["DefinitionString"])
-    assert "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:2.8.0-gpu-py312" in definition
+    assert '\\"EnableNetworkIsolation\\":true' in definition
     assets = json.loads((out / "CxrPneumonia.assets.json").read_text())
     assert any(a["source"].get("dockerFile") == "inference_lambda/Dockerfile" for a in assets["dockerImages"].values())
+    training = [h for h, a in assets["dockerImages"].items()
+                if (out / a["source"]["directory"] / "training_job" / "container.py").is_file()]
+    assert len(training) == 1 and training[0] in definition

@@ -3,6 +3,7 @@ SageMaker, Step Functions): the same code the state machine's Lambdas and the lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -123,6 +124,36 @@ def test_a_new_marker_version_is_a_new_run(aws):
     first = starter.run(upload_dataset(aws, "again", GOOD_FILES), aws)
     second = starter.run(upload_dataset(aws, "again", GOOD_FILES), aws)
     assert second["status"] == "started" and second["run_id"] != first["run_id"]
+
+
+def test_daily_cap_refuses_records_and_notifies(aws):
+    ctx = StepContext(dataclasses.replace(aws.settings, max_runs_per_day=2), aws.clients)
+    sqs = boto3.client("sqs", region_name=REGION)
+    queue = sqs.create_queue(QueueName="cxr-test-inbox")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    aws.clients.sns.subscribe(TopicArn=ctx.settings.topic_arn, Protocol="sqs", Endpoint=queue_arn)
+
+    events = [upload_dataset(ctx, name, GOOD_FILES) for name in ("day-a", "day-b", "day-c")]
+    first, second = starter.run(events[0], ctx), starter.run(events[1], ctx)
+    assert first["status"] == second["status"] == "started"
+    third = starter.run(events[2], ctx)
+    assert third["status"] == "refused"
+    assert "2 training runs already started today" in third["reason"] and "maxTrainingRunsPerDay is 2" in third["reason"]
+    executions = ctx.clients.stepfunctions.list_executions(stateMachineArn=ctx.settings.state_machine_arn)["executions"]
+    assert sorted(e["name"] for e in executions) == sorted([first["run_id"], second["run_id"]])
+    # the reason is recorded in the artifacts bucket and sent to the topic
+    key = f"runs/refused/{third['run_id']}.json"
+    assert third["record"] == f"s3://{ARTIFACTS}/{key}"
+    record = json.loads(ctx.clients.s3.get_object(Bucket=ARTIFACTS, Key=key)["Body"].read())
+    assert record["reason"] == third["reason"] and record["run"]["dataset"] == "day-c"
+    assert record["runs_started_today"] == 2 and record["max_runs_per_day"] == 2
+    [message] = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]
+    body = json.loads(message["Body"])
+    assert body["Message"] == third["reason"] and "daily cap" in body["Subject"]
+    # a repeated event for a run that already started is a duplicate, not a refusal
+    assert starter.run(events[0], ctx)["status"] in ("duplicate", "started")
+    # without a cap the same marker starts
+    assert starter.run(events[2], aws)["status"] == "started"
 
 
 def test_run_names_fit_step_functions_and_sagemaker():

@@ -10,11 +10,12 @@ import moto  # noqa: E402,F401
 import pytest
 
 from infra import launch  # noqa: E402
-from infra.config import METRIC_DEFINITIONS, TRAINING_PROGRAM, load  # noqa: E402
+from infra.config import METRIC_DEFINITIONS, load  # noqa: E402
 
 REGION = "us-east-1"
 DATA, ARTIFACTS = "cxr-data-launch", "cxr-artifacts-launch"
 ROLE = "arn:aws:iam::123456789012:role/cxr-sagemaker"
+IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/cdk-hnb659fds-container-assets-123456789012-us-east-1:abc123"
 SAMPLE_LINE = "epoch=3 train_loss=0.1234 val_loss=0.2345 val_auc=0.9876 val_acc=0.9500 lr=0.000100"
 
 
@@ -37,7 +38,7 @@ def aws(monkeypatch):
 
 def run_launch(session, *argv):
     args = launch.build_parser().parse_args(["--dataset", f"s3://{DATA}/datasets/demo/", "--role", ROLE,
-                                             "--artifacts-bucket", ARTIFACTS, *argv])
+                                             "--artifacts-bucket", ARTIFACTS, "--image-uri", IMAGE, *argv])
     sent = []
     original_client = session.client
 
@@ -60,16 +61,16 @@ def test_launch_sends_the_pipeline_configuration(aws):
     name = result["job_name"]
     assert name.startswith("cxr-demo-")
 
-    hp = {k: json.loads(v) for k, v in request["HyperParameters"].items()}
-    for key, value in config.training_hyperparameters().items():
-        assert hp[key] == value
-    assert hp["sagemaker_program"] == TRAINING_PROGRAM
-    assert hp["sagemaker_submit_directory"].startswith(f"s3://{ARTIFACTS}/code/training-source-")
-    assert hp["sagemaker_region"] == REGION
+    # JSON-encoded exactly as the state machine sends them; no submit directory: the code is in the image
+    assert request["HyperParameters"] == config.training_hyperparameters()
+    assert not [k for k in request["HyperParameters"] if k.startswith("sagemaker_")]
+    assert request["EnableNetworkIsolation"] is True
+    assert not request.get("EnableInterContainerTrafficEncryption")
+    assert "VpcConfig" not in request and "VolumeKmsKeyId" not in request["ResourceConfig"]
 
     algo = request["AlgorithmSpecification"]
     assert algo["MetricDefinitions"] == [dict(m) for m in METRIC_DEFINITIONS]
-    assert algo["TrainingImage"].endswith(f"pytorch-training:{config.pytorch_version}-gpu-{config.python_version}")
+    assert algo["TrainingImage"] == IMAGE
     assert algo["EnableSageMakerMetricsTimeSeries"] is True
 
     assert request["EnableManagedSpotTraining"] is True
@@ -85,17 +86,19 @@ def test_launch_sends_the_pipeline_configuration(aws):
     # moto records the job as sent
     assert job["EnableManagedSpotTraining"] is True
     assert job["CheckpointConfig"]["S3Uri"] == f"s3://{ARTIFACTS}/checkpoints/{name}/"
-    assert json.loads(job["HyperParameters"]["recipe"]) == config.training_hyperparameters()["recipe"] == "gpu"
+    assert job["HyperParameters"]["recipe"] == config.training_hyperparameters()["recipe"] == '"gpu"'
     assert job["StoppingCondition"]["MaxWaitTimeInSeconds"] >= job["StoppingCondition"]["MaxRuntimeInSeconds"]
-    # the submit directory it names exists and is the reproducible archive
-    bucket, key = hp["sagemaker_submit_directory"][5:].split("/", 1)
-    assert aws.client("s3").head_object(Bucket=bucket, Key=key)["ContentLength"] > 0
+    assert "Contents" not in aws.client("s3").list_objects_v2(Bucket=ARTIFACTS, Prefix="code/")  # nothing uploaded
 
 
 def test_launch_overrides_instance_type_and_spot(aws):
-    _, request, _ = run_launch(aws, "--instance-type", "ml.m5.xlarge", "--no-spot", "-c", "maxRuntimeSeconds=600")
+    _, request, _ = run_launch(aws, "--instance-type", "ml.m5.xlarge", "--no-spot", "-c", "maxRuntimeSeconds=600",
+                               "-c", "trainingInstanceCount=2", "-c", 'trainingVpcSubnetIds=["subnet-1"]',
+                               "-c", 'trainingVpcSecurityGroupIds=["sg-1"]', "--kms-key", "arn:aws:kms:us-east-1:123456789012:key/k")
     assert request["ResourceConfig"]["InstanceType"] == "ml.m5.xlarge"
-    assert "-cpu-" in request["AlgorithmSpecification"]["TrainingImage"]
+    assert request["ResourceConfig"]["VolumeKmsKeyId"] == "arn:aws:kms:us-east-1:123456789012:key/k"
+    assert request["EnableInterContainerTrafficEncryption"] is True
+    assert request["VpcConfig"] == {"Subnets": ["subnet-1"], "SecurityGroupIds": ["sg-1"]}
     assert not request.get("EnableManagedSpotTraining")
     assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 600}
 
@@ -103,7 +106,7 @@ def test_launch_overrides_instance_type_and_spot(aws):
 def test_launch_refuses_a_dataset_missing_a_class(aws):
     aws.client("s3").put_object(Bucket=DATA, Key="datasets/half/train/NORMAL/IM-0001-0001.jpeg", Body=b"x")
     args = launch.build_parser().parse_args(["--dataset", f"s3://{DATA}/datasets/half", "--role", ROLE,
-                                             "--artifacts-bucket", ARTIFACTS])
+                                             "--artifacts-bucket", ARTIFACTS, "--image-uri", IMAGE])
     with pytest.raises(launch.DatasetInvalid, match="PNEUMONIA"):
         launch.launch(args, boto_session=aws)
 
@@ -111,3 +114,10 @@ def test_launch_refuses_a_dataset_missing_a_class(aws):
 def test_metric_definitions_match_the_training_log_line():
     found = {m["Name"]: float(re.search(m["Regex"], SAMPLE_LINE).group(1)) for m in METRIC_DEFINITIONS}
     assert found == {"train_loss": 0.1234, "val_loss": 0.2345, "val_auc": 0.9876, "val_acc": 0.95, "lr": 0.0001}
+
+
+def test_launch_needs_a_training_image(aws):
+    args = launch.build_parser().parse_args(["--dataset", f"s3://{DATA}/datasets/demo/", "--role", ROLE,
+                                             "--artifacts-bucket", ARTIFACTS])
+    with pytest.raises(launch.LaunchError, match="TrainingImage"):
+        launch.launch(args, boto_session=aws)

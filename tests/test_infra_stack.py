@@ -11,7 +11,6 @@ import fnmatch
 import json
 import os
 import re
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ import cdk_nag  # noqa: E402
 from aws_cdk.assertions import Annotations, Match, Template  # noqa: E402
 
 from infra.app import build_app  # noqa: E402
-from infra.config import METRIC_DEFINITIONS, ROOT, TRAINING_PROGRAM, ConfigError, load  # noqa: E402
+from infra.config import METRIC_DEFINITIONS, ROOT, ConfigError, load  # noqa: E402
 from infra.constructs.serving import INFERENCE_DOCKERFILE  # noqa: E402
 from infra.names import (  # noqa: E402
     BINARY_MEDIA_TYPES,
@@ -30,8 +29,10 @@ from infra.names import (  # noqa: E402
     model_package_group_name,
     pointer_parameter_name,
 )
-from infra.packaging import build_training_source  # noqa: E402
+from infra.packaging import stage_training_context  # noqa: E402
 from infra.pipeline import PIPELINE, STEPS  # noqa: E402
+from infra.twin.training import hyperparameter_args  # noqa: E402
+from training_job.container import decode_hyperparameters, to_cmd_args, user_hyperparameters  # noqa: E402
 
 SAMPLE_LINE = "epoch=3 train_loss=0.1234 val_loss=0.2345 val_auc=0.9876 val_acc=0.9500 lr=0.000100"
 
@@ -205,13 +206,17 @@ def test_training_step_is_a_sync_sagemaker_job(definition):
     assert p["CheckpointConfig"] == {"S3Uri.$": "$.run.checkpoint_uri", "LocalPath": "/opt/ml/checkpoints"}
     assert p["ResourceConfig"]["InstanceType"] == "ml.g4dn.xlarge"
     assert p["OutputDataConfig"]["S3OutputPath"].endswith("/models/")
+    # JSON-encoded as the SDK sends them; the image's entrypoint turns them into the command line
+    # the twin runs too.
     hp = p["HyperParameters"]
-    assert hp["sagemaker_program"] == TRAINING_PROGRAM == "training_job/train.py"
-    assert re.fullmatch(r"s3://cdk-[a-z0-9]+-assets-<AWS::AccountId>-<AWS::Region>/[0-9a-f]{64}\.(tar\.)?gz",  # a gzipped tar whatever its suffix
-                        hp["sagemaker_submit_directory"].replace("${", "<").replace("}", ">")), hp["sagemaker_submit_directory"]
-    assert "sagemaker_region" in hp
-    for key, value in cfg.training_hyperparameters().items():
-        assert hp[key] == value and isinstance(hp[key], str)
+    assert hp == cfg.training_hyperparameters() and all(isinstance(v, str) for v in hp.values())
+    assert hp["recipe"] == '"gpu"'
+    assert to_cmd_args(user_hyperparameters(decode_hyperparameters(hp))) == hyperparameter_args(cfg.hyperparameters)
+    # locked down by default: no network from the container; one instance, so nothing to encrypt between
+    assert p["EnableNetworkIsolation"] is True
+    assert p["EnableInterContainerTrafficEncryption"] is False
+    assert "VpcConfig" not in p
+    assert "VolumeKmsKeyId" not in p["ResourceConfig"]  # ml.g4dn: NVMe instance storage, encrypted in hardware
     assert {"Key": "cxr:dataset", "Value.$": "$.run.dataset_tag"} in p["Tags"]
     algo = p["AlgorithmSpecification"]
     assert algo["EnableSageMakerMetricsTimeSeries"] is True
@@ -227,10 +232,21 @@ def test_metric_definitions_parse_the_epoch_line(definition):
     assert re.search(next(m["Regex"] for m in metrics if m["Name"] == "val_loss"), "train_loss=0.5") is None
 
 
-def test_env_agnostic_template_maps_the_training_image_per_region(resources, synthesized):
-    mappings = synthesized["template"].get("Mappings", {})
-    [table] = [m for k, m in mappings.items() if k.startswith("TrainingTrainingImageByRegion")]
-    assert table["eu-west-1"]["uri"] == "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:2.8.0-gpu-py312"
+def test_training_image_is_built_from_the_training_dockerfile(definition, synthesized, resources):
+    assets = json.loads((synthesized["outdir"] / f"{synthesized['stack'].stack_name}.assets.json").read_text())
+    [(asset_hash, image)] = [(h, a) for h, a in assets["dockerImages"].items()
+                             if (synthesized["outdir"] / a["source"]["directory"] / "training_job" / "container.py").is_file()]
+    staged = synthesized["outdir"] / image["source"]["directory"]
+    assert (staged / "Dockerfile").read_bytes() == (ROOT / "training_job" / "Dockerfile").read_bytes()
+    assert (staged / "requirements.txt").read_bytes() == (ROOT / "training_job" / "requirements.txt").read_bytes()
+    assert not (staged / "infra").exists() and not (staged / "tests").exists()
+    assert image["source"].get("platform") == "linux/amd64"
+    uri = flatten(definition["States"]["TrainModel"]["Parameters"]["AlgorithmSpecification"]["TrainingImage"])
+    assert uri.endswith(f":{asset_hash}")
+    # the SageMaker role pulls from the assets repository only
+    statements = [s for lid, s in policy_statements(resources) if lid.startswith("TrainingSageMakerExecutionRole")]
+    [pull] = [s for s in statements if s.get("Sid") == "PullTrainingImage"]
+    assert "container-assets" in flatten(pull["Resource"])
 
 
 def test_state_machine_logs_everything_and_traces(resources):
@@ -313,26 +329,18 @@ def test_pipeline_functions_share_one_image_with_their_own_handlers(resources, s
     commands = sorted(p["ImageConfig"]["Command"][0] for p in fns.values())
     assert commands == sorted(f"infra.functions.{m}.handler" for m in ["starter", *PIPELINE.lambda_modules()])
     assets = json.loads((synthesized["outdir"] / f"{synthesized['stack'].stack_name}.assets.json").read_text())
-    sources = [a["source"] for a in assets["dockerImages"].values() if a["source"].get("dockerFile") != INFERENCE_DOCKERFILE]
+    sources = [a["source"] for a in assets["dockerImages"].values() if a["source"].get("dockerFile") != INFERENCE_DOCKERFILE
+               and not (synthesized["outdir"] / a["source"]["directory"] / "training_job").is_dir()]
     assert len({s["directory"] for s in sources}) == 1
 
 
-def test_training_source_is_a_tarball_file_asset(synthesized):
-    assets = json.loads((synthesized["outdir"] / f"{synthesized['stack'].stack_name}.assets.json").read_text())
-    files = [a["source"] for a in assets["files"].values() if a["source"]["path"].endswith(".tar.gz")]
-    assert len(files) == 1 and files[0]["packaging"] == "file"
-    with tarfile.open(synthesized["outdir"] / files[0]["path"]) as tar:
-        names = tar.getnames()
-        assert all(m.mtime == 0 and m.uid == 0 for m in tar.getmembers())
-    assert {"training_job/train.py", "shared/bundle.py", "shared/dataset.py", "requirements.txt"} <= set(names)
-    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
-    assert names == sorted(names)
-
-
-def test_training_source_is_reproducible(tmp_path):
-    first = build_training_source(tmp_path / "a")
-    second = build_training_source(tmp_path / "b")
-    assert first.name == second.name and first.read_bytes() == second.read_bytes()
+def test_training_context_is_reproducible(tmp_path):
+    first = stage_training_context(tmp_path / "a")
+    second = stage_training_context(tmp_path / "b")
+    assert first.name == second.name
+    files = sorted(p.relative_to(first).as_posix() for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(second).as_posix() for p in second.rglob("*") if p.is_file())
+    assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)
 
 
 # ---------------------------------------------------------------- monitoring
@@ -341,11 +349,12 @@ def test_training_source_is_reproducible(tmp_path):
 def test_alarms_page_the_topic(resources):
     alarms = of_type(resources, "AWS::CloudWatch::Alarm")
     topic = find_logical_id(resources, "AWS::SNS::Topic", "Notifications")
-    assert len(alarms) == 4
+    assert len(alarms) == 7
     for alarm in alarms.values():
         assert alarm["Properties"]["AlarmActions"] == [{"Ref": topic}]
     joined = " ".join(alarms)
-    for fragment in ("InferenceErrors", "Api5xx", "TrainingRunsFailed", "MarkersNotStarted"):
+    for fragment in ("InferenceErrors", "Api5xx", "TrainingRunsFailed", "MarkersNotStarted", "ModelUnavailableBurst",
+                     "ModelFallback", "PredictionMixDrift"):
         assert fragment in joined
     metrics = set()
     for alarm in alarms.values():
@@ -359,7 +368,9 @@ def test_dashboard_covers_serving_and_training(resources):
     [dashboard] = of_type(resources, "AWS::CloudWatch::Dashboard").values()
     body = flatten(dashboard["Properties"]["DashboardBody"])
     for needle in ('"Latency"', "p50", "p90", "p99", "4XXError", "5XXError", '"Duration"', '"Throttles"', '"ColdStart"',
-                   "ExecutionsFailed", "ExecutionsSucceeded", "/aws/sagemaker/TrainingJobs", "val_auc"):
+                   "ExecutionsFailed", "ExecutionsSucceeded", "/aws/sagemaker/TrainingJobs", "val_auc",
+                   '"PredictionsByLabel"', '"RejectedRequests"', '"ModelUnavailable"', '"ModelFallback"',
+                   "Share of PNEUMONIA answers"):
         assert needle in body, needle
 
 
@@ -454,3 +465,163 @@ def test_context_strings_are_converted_and_checked():
         load({"maxRuntimeSeconds": "20000", "maxWaitSeconds": "10000"})
     with pytest.raises(ConfigError, match="sagemaker_"):
         load({"hyperparameters": '{"sagemaker_program": "x.py"}'})
+
+
+def test_options_are_checked():
+    with pytest.raises(ConfigError, match="go together"):
+        load({"trainingVpcSubnetIds": '["subnet-1"]'})
+    with pytest.raises(ConfigError, match="cognitoUserPoolArn"):
+        load({"apiAuthorization": "cognito"})
+    with pytest.raises(ConfigError, match="apiAuthorization"):
+        load({"apiAuthorization": "basic"})
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        load({"corsAllowOrigins": "*, https://a.example"})
+    with pytest.raises(ConfigError, match="not an origin"):
+        load({"corsAllowOrigins": "https://a.example/page"})
+    with pytest.raises(ConfigError, match="cannot exceed"):
+        load({"inferenceReservedConcurrency": "2", "inferenceProvisionedConcurrency": "5"})
+    with pytest.raises(ConfigError, match="low < high"):
+        load({"predictionMixBand": '{"low": 0.9, "high": 0.5}'})
+
+
+# ---------------------------------------------------------------- options switched on
+
+POOL = "arn:aws:cognito-idp:eu-west-1:123456789012:userpool/eu-west-1_AbCdEf123"
+OPTIONS = {
+    "trainingVpcSubnetIds": ["subnet-0a1b", "subnet-0c2d"], "trainingVpcSecurityGroupIds": ["sg-0e3f"],
+    "trainingInstanceCount": 2, "trainingInstanceType": "ml.m5.xlarge", "trainingNetworkIsolation": False,
+    "apiAuthorization": "cognito", "cognitoUserPoolArn": POOL, "wafEnabled": True, "wafRateLimit": 300,
+    "inferenceReservedConcurrency": 10, "inferenceProvisionedConcurrency": 2, "monthlyBudgetUsd": 50,
+    "corsAllowOrigins": ["https://a.example", "https://b.example"], "maxTrainingRunsPerDay": 0,
+    "predictionMixBand": {"low": 0.3, "high": 0.8, "window_hours": 12, "min_predictions": 50},
+}
+
+
+@pytest.fixture(scope="module")
+def options(tmp_path_factory):
+    """Every option switched on (and IAM authorization in a second, smaller assertion), cdk-nag included."""
+    outdir = tmp_path_factory.mktemp("cdk.options")
+    app, stack = build_app(context=OPTIONS, outdir=str(outdir))
+    assembly = app.synth()  # raises on any unacknowledged cdk-nag finding
+    template = assembly.get_stack_by_name(stack.stack_name).template
+    report = json.loads((outdir / "validation-report.json").read_text())
+    assert report["pluginReports"] == []
+    return {"template": template, "resources": template["Resources"], "app": app}
+
+
+def _training_parameters(resources) -> dict:
+    [machine] = of_type(resources, "AWS::StepFunctions::StateMachine").values()
+    return json.loads(flatten(machine["Properties"]["DefinitionString"]))["States"]["TrainModel"]["Parameters"]
+
+
+def test_training_job_options(options, resources):
+    p = _training_parameters(options["resources"])
+    assert p["EnableNetworkIsolation"] is False
+    assert p["EnableInterContainerTrafficEncryption"] is True
+    assert p["VpcConfig"] == {"Subnets": ["subnet-0a1b", "subnet-0c2d"], "SecurityGroupIds": ["sg-0e3f"]}
+    assert p["ResourceConfig"]["InstanceType"] == "ml.m5.xlarge" and "VolumeKmsKeyId" in p["ResourceConfig"]
+    actions = {a for lid, s in policy_statements(options["resources"]) if lid.startswith("TrainingSageMakerExecutionRole")
+               for a in as_list(s["Action"])}
+    assert {"ec2:CreateNetworkInterface", "ec2:DeleteNetworkInterface", "kms:CreateGrant"} <= actions
+    default_actions = {a for lid, s in policy_statements(resources) if lid.startswith("TrainingSageMakerExecutionRole")
+                       for a in as_list(s["Action"])}
+    assert not {a for a in default_actions if a.startswith("ec2:")} and "kms:CreateGrant" not in default_actions
+
+
+def test_daily_cap_on_by_default_and_off(options, resources):
+    def starter(res):
+        [(lid, fn)] = [(k, v) for k, v in of_type(res, "AWS::Lambda::Function").items()
+                       if k.startswith("TrainingStarterFunction")]
+        actions = {a for pid, s in policy_statements(res) if pid.startswith("TrainingStarterFunctionRole")
+                   for a in as_list(s["Action"])}
+        return fn["Properties"]["Environment"]["Variables"], actions
+
+    env, actions = starter(resources)
+    assert env["MAX_RUNS_PER_DAY"] == str(load().max_training_runs_per_day) != "0"
+    assert {"states:ListExecutions", "sns:Publish", "s3:PutObject", "states:StartExecution"} <= actions
+    env, actions = starter(options["resources"])
+    assert env["MAX_RUNS_PER_DAY"] == "0"
+    assert actions & {"states:ListExecutions", "sns:Publish", "s3:PutObject"} == set()
+
+
+def test_api_options(options, resources):
+    res = options["resources"]
+    [post] = [m["Properties"] for m in of_type(res, "AWS::ApiGateway::Method").values()
+              if m["Properties"]["HttpMethod"] == "POST"]
+    assert post["ApiKeyRequired"] is True and post["AuthorizationType"] == "COGNITO_USER_POOLS"
+    [authorizer] = of_type(res, "AWS::ApiGateway::Authorizer").values()
+    assert authorizer["Properties"]["ProviderARNs"] == [POOL]
+    assert authorizer["Properties"]["IdentitySource"] == "method.request.header.Authorization"
+    [acl] = of_type(res, "AWS::WAFv2::WebACL").values()
+    [rule] = acl["Properties"]["Rules"]
+    assert rule["Statement"]["RateBasedStatement"]["Limit"] == 300 and rule["Action"] == {"Block": {}}
+    assert len(of_type(res, "AWS::WAFv2::WebACLAssociation")) == 1
+    [waf_logs] = of_type(res, "AWS::WAFv2::LoggingConfiguration").values()
+    assert {f["SingleHeader"]["Name"] for f in waf_logs["Properties"]["RedactedFields"]} == {"x-api-key", "authorization"}
+    # defaults: the key alone, no WAF, no authorizer
+    [default_post] = [m["Properties"] for m in of_type(resources, "AWS::ApiGateway::Method").values()
+                      if m["Properties"]["HttpMethod"] == "POST"]
+    assert default_post["AuthorizationType"] == "NONE" and default_post["ApiKeyRequired"] is True
+    assert not of_type(resources, "AWS::WAFv2::WebACL") and not of_type(resources, "AWS::ApiGateway::Authorizer")
+
+
+def test_iam_authorization():
+    app, stack = build_app(context={"apiAuthorization": "iam"})
+    template = Template.from_stack(stack)
+    template.has_resource_properties("AWS::ApiGateway::Method", {"HttpMethod": "POST", "AuthorizationType": "AWS_IAM",
+                                                                 "ApiKeyRequired": True})
+
+
+def test_concurrency_options(options, resources):
+    res = options["resources"]
+    [(_, fn)] = [(k, v) for k, v in of_type(res, "AWS::Lambda::Function").items() if k.startswith("ServingInference")]
+    assert fn["Properties"]["ReservedConcurrentExecutions"] == 10
+    [alias] = of_type(res, "AWS::Lambda::Alias").values()
+    assert alias["Properties"]["Name"] == "live"
+    assert alias["Properties"]["ProvisionedConcurrencyConfig"] == {"ProvisionedConcurrentExecutions": 2}
+    [post] = [m["Properties"] for m in of_type(res, "AWS::ApiGateway::Method").values()
+              if m["Properties"]["HttpMethod"] == "POST"]
+    assert ":live" in json.dumps(post["Integration"]["Uri"]) or "Alias" in json.dumps(post["Integration"]["Uri"])
+    [(_, default_fn)] = [(k, v) for k, v in of_type(resources, "AWS::Lambda::Function").items()
+                         if k.startswith("ServingInference")]
+    assert "ReservedConcurrentExecutions" not in default_fn["Properties"] and not of_type(resources, "AWS::Lambda::Alias")
+
+
+def test_cors_origins_never_star_when_named(options, resources):
+    res = options["resources"]
+    [(_, fn)] = [(k, v) for k, v in of_type(res, "AWS::Lambda::Function").items() if k.startswith("ServingInference")]
+    env = fn["Properties"]["Environment"]["Variables"]
+    assert env["CORS_ALLOW_ORIGIN"] == "https://a.example" and env["CORS_EXTRA_ORIGINS"] == "https://b.example"
+    assert "'*'" not in json.dumps(res) and '"*"' not in json.dumps(
+        [m["Properties"].get("Integration", {}) for m in of_type(res, "AWS::ApiGateway::Method").values()])
+    for response in of_type(res, "AWS::ApiGateway::GatewayResponse").values():
+        assert "ResponseParameters" not in response["Properties"]
+    # the default is the open API (the key is the access control): "*" everywhere
+    [(_, default_fn)] = [(k, v) for k, v in of_type(resources, "AWS::Lambda::Function").items()
+                         if k.startswith("ServingInference")]
+    assert default_fn["Properties"]["Environment"]["Variables"]["CORS_ALLOW_ORIGIN"] == "*"
+
+
+def test_budget_and_drift_band_options(options, resources):
+    res = options["resources"]
+    [budget] = of_type(res, "AWS::Budgets::Budget").values()
+    data = budget["Properties"]["Budget"]
+    assert data["BudgetLimit"] == {"Amount": 50, "Unit": "USD"} and data["TimeUnit"] == "MONTHLY"
+    assert data["CostFilters"] == {"TagKeyValue": ["user:project$cxr-pneumonia"]}
+    kinds = {(n["Notification"]["NotificationType"], n["Notification"]["Threshold"])
+             for n in budget["Properties"]["NotificationsWithSubscribers"]}
+    assert kinds == {("ACTUAL", 80), ("FORECASTED", 100)}
+    assert not of_type(resources, "AWS::Budgets::Budget")
+
+    def drift(r):
+        [alarm] = [a["Properties"] for k, a in of_type(r, "AWS::CloudWatch::Alarm").items() if "PredictionMixDrift" in k]
+        [expression] = [m["Expression"] for m in alarm["Metrics"] if "Expression" in m]
+        periods = {m["MetricStat"]["Period"] for m in alarm["Metrics"] if "MetricStat" in m}
+        return expression, periods
+
+    expression, periods = drift(res)
+    assert ">= 50 AND" in expression and "< 0.3 OR" in expression and "> 0.8)" in expression and periods == {12 * 3600}
+    band = load().prediction_mix()
+    expression, periods = drift(resources)
+    assert f"< {band['low']} OR" in expression and f"> {band['high']})" in expression
+    assert periods == {band["window_hours"] * 3600}

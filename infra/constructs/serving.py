@@ -3,7 +3,9 @@
 Routes (contract 5):
 
 - ``POST /predict``: needs an API key (header ``x-api-key``); the usage plan throttles and caps
-  each key. Raw image bodies are passed to the function base64-encoded (binary media types).
+  each key. ``apiAuthorization`` adds IAM (SigV4-signed requests) or a Cognito user-pool
+  authorizer (an ID token in ``Authorization``) on top of the key. Raw image bodies are passed to
+  the function base64-encoded (binary media types).
 - ``GET /`` (the upload page) and ``GET /health`` (names the model in service) are open: a
   browser must load the page before it has a key to send, and monitoring probes the health
   route. Neither returns anything but the page and the model's version.
@@ -11,6 +13,11 @@ Routes (contract 5):
 The function image is built from ``inference_lambda/Dockerfile`` with the repository root as its
 build context (the image needs ``shared/`` too). It reads the promoted-model pointer from SSM at
 cold start (``MODEL_URI=ssm:<parameter>``) and may read only ``models/`` of the artifacts bucket.
+
+Options (cdk.json context): ``inferenceReservedConcurrency`` and ``inferenceProvisionedConcurrency``
+(the API then calls a ``live`` alias holding the provisioned environments), ``wafEnabled`` with
+``wafRateLimit`` (a WAF web ACL with a per-IP rate-based rule on the stage), ``corsAllowOrigins``
+(a named origin is echoed back only to itself; ``*`` only when it is the whole list).
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ from pathlib import Path
 
 from aws_cdk import Duration
 from aws_cdk import aws_apigateway as apigw
+from aws_cdk import aws_cognito as cognito
 from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_wafv2 as wafv2
 from constructs import Construct
 
 from ..config import MODELS_PREFIX, ROOT, Config
@@ -46,6 +55,9 @@ INFERENCE_CONTEXT_EXCLUDE = [
     "**/.ruff_cache",
 ]
 STAGE = "prod"
+# Headers a browser must be allowed to send for each authorization mode (SigV4 or a user-pool token).
+_AUTH_HEADERS = {"iam": ["Authorization", "X-Amz-Date", "X-Amz-Security-Token", "X-Amz-Content-Sha256"],
+                 "cognito": ["Authorization"]}
 
 
 class Serving(Construct):
@@ -54,8 +66,12 @@ class Serving(Construct):
         super().__init__(scope, id)
         self.config = config
 
-        # API Gateway and the function each send one Access-Control-Allow-Origin value.
-        cors_origin = config.cors_allow_origins[0] if len(config.cors_allow_origins) == 1 else "*"
+        # The function echoes an allowed request origin (Powertools' CORSConfig); the gateway's own
+        # error responses can carry one fixed value only, so with several origins they carry none.
+        origins = list(config.cors_allow_origins)
+        cors_env = {"CORS_ALLOW_ORIGIN": origins[0]} if origins else {"CORS_ALLOW_ORIGIN": "*"}
+        if len(origins) > 1:
+            cors_env["CORS_EXTRA_ORIGINS"] = ",".join(origins[1:])
         code = lambda_.DockerImageCode.from_image_asset(
             str(source_root), file=INFERENCE_DOCKERFILE, exclude=INFERENCE_CONTEXT_EXCLUDE,
             platform=ecr_assets.Platform.LINUX_AMD64)
@@ -69,9 +85,12 @@ class Serving(Construct):
                 "POWERTOOLS_SERVICE_NAME": config.service_name,
                 "POWERTOOLS_METRICS_NAMESPACE": config.metrics_namespace,
                 "POWERTOOLS_LOG_LEVEL": "INFO",
-                "CORS_ALLOW_ORIGIN": cors_origin,
+                **cors_env,
             },
         )
+        cfn_function = fn.function.node.default_child
+        if config.inference_reserved_concurrency:
+            cfn_function.reserved_concurrent_executions = config.inference_reserved_concurrency
         self.function, self.function_role = fn.function, fn.role
         for statement in (
             iam.PolicyStatement(sid="ReadModels", actions=["s3:GetObject"],
@@ -109,16 +128,23 @@ class Serving(Construct):
                 tracing_enabled=True,
             ),
             default_cors_preflight_options=apigw.CorsOptions(
-                allow_origins=config.cors_allow_origins,
+                allow_origins=origins or ["*"],
                 allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["Content-Type", "X-Api-Key"],
+                allow_headers=["Content-Type", "X-Api-Key", *_AUTH_HEADERS.get(config.api_authorization, [])],
                 max_age=Duration.hours(1),
             ),
         )
-        integration = apigw.LambdaIntegration(self.function, proxy=True, allow_test_invoke=False)
+        target: lambda_.IFunction = self.function
+        if config.inference_provisioned_concurrency:
+            # Warm environments kept ready; the API invokes the alias that holds them.
+            self.alias = lambda_.Alias(self, "LiveAlias", alias_name="live", version=self.function.current_version,
+                                       provisioned_concurrent_executions=config.inference_provisioned_concurrency)
+            target = self.alias
+        integration = apigw.LambdaIntegration(target, proxy=True, allow_test_invoke=False)
         self.api.root.add_method("GET", integration)
         self.api.root.add_resource("health").add_method("GET", integration)
-        self.predict_method = self.api.root.add_resource("predict").add_method("POST", integration, api_key_required=True)
+        self.predict_method = self.api.root.add_resource("predict").add_method(
+            "POST", integration, api_key_required=True, **self._authorization(config))
 
         # Errors API Gateway answers itself (missing key, throttled, quota spent) use the same
         # JSON error shape as the function (contract 5).
@@ -126,7 +152,8 @@ class Serving(Construct):
                                     (apigw.ResponseType.DEFAULT_5_XX, "gateway_error")):
             self.api.add_gateway_response(
                 f"{code.title().replace('_', '')}Response", type=response_type,
-                response_headers={"Access-Control-Allow-Origin": f"'{cors_origin}'"},
+                response_headers={"Access-Control-Allow-Origin": f"'{origins[0] if origins else '*'}'"}
+                if len(origins) <= 1 else None,
                 templates={"application/json": '{"error": {"code": "$context.error.responseType", '
                                                '"message": $context.error.messageString}}'},
             )
@@ -146,19 +173,71 @@ class Serving(Construct):
         output(self, "ApiKeyId", self.api_key.key_id,
                "aws apigateway get-api-key --include-value --api-key <id> --query value --output text")
         output(self, "InferenceFunctionName", self.function.function_name)
+        if config.waf_enabled:
+            self._web_acl(config, storage)
         self._suppressions()
 
+    def _authorization(self, config: Config) -> dict:
+        """``POST /predict``'s authorization beside the API key (``apiAuthorization``)."""
+        if config.api_authorization == "iam":
+            return {"authorization_type": apigw.AuthorizationType.IAM}
+        if config.api_authorization == "cognito":
+            pool = cognito.UserPool.from_user_pool_arn(self, "UserPool", config.cognito_user_pool_arn)
+            authorizer = apigw.CognitoUserPoolsAuthorizer(self, "CognitoAuthorizer", cognito_user_pools=[pool],
+                                                          identity_source="method.request.header.Authorization")
+            return {"authorization_type": apigw.AuthorizationType.COGNITO, "authorizer": authorizer}
+        return {}
+
+    def _web_acl(self, config: Config, storage: Storage) -> None:
+        """A regional WAF web ACL on the stage: requests over ``wafRateLimit`` per IP per 5 minutes are blocked.
+
+        No AWS managed rule group: their body-size rules inspect only the first 8 KB and would block
+        every image upload."""
+        visibility = wafv2.CfnWebACL.VisibilityConfigProperty(
+            cloud_watch_metrics_enabled=True, sampled_requests_enabled=False,
+            metric_name=f"{config.stack_name}-api-waf")
+        self.web_acl = wafv2.CfnWebACL(
+            self, "WebAcl", scope="REGIONAL", default_action=wafv2.CfnWebACL.DefaultActionProperty(allow={}),
+            description="Per-IP rate limit in front of the classifier API",
+            visibility_config=visibility,
+            rules=[wafv2.CfnWebACL.RuleProperty(
+                name="RateLimitPerIp", priority=0, action=wafv2.CfnWebACL.RuleActionProperty(block={}),
+                statement=wafv2.CfnWebACL.StatementProperty(rate_based_statement=wafv2.CfnWebACL.RateBasedStatementProperty(
+                    limit=config.waf_rate_limit, aggregate_key_type="IP", evaluation_window_sec=300)),
+                visibility_config=wafv2.CfnWebACL.VisibilityConfigProperty(
+                    cloud_watch_metrics_enabled=True, sampled_requests_enabled=False,
+                    metric_name=f"{config.stack_name}-rate-limit"))],
+        )
+        wafv2.CfnWebACLAssociation(self, "WebAclAssociation", web_acl_arn=self.web_acl.attr_arn,
+                                   resource_arn=self.api.deployment_stage.stage_arn)
+        # WAF delivers only to log groups named aws-waf-logs-*; keys and tokens are redacted.
+        waf_logs = log_group(self, "WafLogs", key=storage.key, retention_days=config.log_retention_days)
+        waf_logs.node.default_child.add_property_override("LogGroupName", f"aws-waf-logs-{config.stack_name}")
+        wafv2.CfnLoggingConfiguration(
+            self, "WafLogging", resource_arn=self.web_acl.attr_arn, log_destination_configs=[waf_logs.log_group_arn],
+            redacted_fields=[wafv2.CfnLoggingConfiguration.FieldToMatchProperty(single_header={"Name": name})
+                             for name in ("x-api-key", "authorization")])
+
     def _suppressions(self) -> None:
+        cfg = self.config
+        if not cfg.waf_enabled:
+            acknowledge(self.api, [
+                ("AwsSolutions-APIG3", "Each client holds an API key whose usage plan throttles and caps it, and the "
+                 "stage is throttled; the wafEnabled context switch attaches a rate-limiting WAF web ACL."),
+            ])
+        acknowledge(self.api, [
+            ("AwsSolutions-COG4", "GET / (the upload page), GET /health and CORS preflights are open by design; POST "
+             "/predict takes an API key, and a Cognito user-pool authorizer as well when apiAuthorization=cognito."
+             if cfg.api_authorization == "cognito" else
+             "The product's clients are scripts and the upload page, each using an API key (apiAuthorization=iam adds "
+             "SigV4, =cognito a user-pool authorizer); this deployment has no user pool to authorize against."),
+        ])
         acknowledge(self.api, [
             ("AwsSolutions-APIG2", "Bodies are images (JPEG, PNG, DICOM) or multipart forms that no API Gateway model "
              "can describe; the function validates type, size and decoding and answers JSON 400/413/415 errors."),
-            ("AwsSolutions-APIG3", "Each client holds an API key whose usage plan throttles and caps it, and the stage "
-             "is throttled; a WAF web ACL can be attached by organisations that need one."),
             ("AwsSolutions-APIG4", "POST /predict requires an API key bound to a usage plan; GET / (the upload page), "
              "GET /health (the model version) and CORS preflights carry no data and must be reachable before a "
              "client holds a key."),
-            ("AwsSolutions-COG4", "The product's clients are scripts and the upload page, each using an API key; no "
-             "Cognito user pool exists to authorize against."),
             ("HIPAA.Security-APIGWCacheEnabledAndEncrypted", "Predictions are POST requests on uploaded images, which "
              "API Gateway never caches; a cache would bill hourly and hold nothing."),
             ("HIPAA.Security-APIGWSSLEnabled", "Client certificates authenticate API Gateway to HTTP backends; this "
@@ -172,8 +251,12 @@ class Serving(Construct):
         acknowledge(self.function, [
             ("HIPAA.Security-LambdaInsideVPC", "The function reaches only S3 and SSM through IAM over TLS and is invoked "
              "by API Gateway; a VPC would add NAT or endpoint cost without isolating a private resource."),
-            ("HIPAA.Security-LambdaConcurrency", "Concurrency is bounded upstream by the stage throttle and each key's "
-             "usage plan; reserving it would fail deploys in accounts with the default concurrency quota."),
             ("HIPAA.Security-LambdaDLQ", "API Gateway invokes the function synchronously and the client receives every "
              "error; there is no asynchronous event to keep."),
         ])
+        if not cfg.inference_reserved_concurrency:
+            acknowledge(self.function, [
+                ("HIPAA.Security-LambdaConcurrency", "Concurrency is bounded upstream by the stage throttle and each "
+                 "key's usage plan; reserving it (inferenceReservedConcurrency) would fail deploys in accounts with "
+                 "the default concurrency quota, so it is opt-in."),
+            ])

@@ -11,34 +11,32 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from aws_cdk import ArnFormat, Aws, CfnMapping, Duration, Stack, Token
+from aws_cdk import ArnFormat, Aws, Duration, Stack
 from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
-from aws_cdk import aws_s3_assets as s3_assets
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sqs as sqs
 from aws_cdk import aws_stepfunctions as sfn
 from aws_cdk import aws_stepfunctions_tasks as tasks
 from constructs import Construct
 
-from .. import training_image
 from ..config import (
     CHECKPOINT_LOCAL_PATH,
     CHECKPOINTS_PREFIX,
-    CODE_PREFIX,
     DATASETS_PREFIX,
     METRIC_DEFINITIONS,
     MODELS_PREFIX,
-    TRAINING_PROGRAM,
+    REFUSED_RUNS_PREFIX,
     Config,
+    ecr_repository_arn,
 )
 from ..functions.common import RUN_ID_PREFIX, Settings
 from ..nag import acknowledge, acknowledge_wildcards
 from ..names import dataset_ready_pattern
-from ..packaging import build_training_source, stage_functions_context
+from ..packaging import stage_functions_context, stage_training_context
 from ..pipeline import PIPELINE, TRAINING_RESULT_FIELDS, Pipeline, Step
 from . import output
 from .lambdas import ContainerFunction, container_function, log_group
@@ -71,9 +69,8 @@ class TrainingPipeline(Construct):
         self.topic = topic
         stack = Stack.of(self)
 
-        self.source = s3_assets.Asset(self, "TrainingSource", path=str(build_training_source()))
-        self.image_uri, ecr_repository_arn = self._training_image(stack)
-        self.sagemaker_role = self._sagemaker_role(stack, ecr_repository_arn)
+        self.image_uri, repository_arn = self._training_image()
+        self.sagemaker_role = self._sagemaker_role(stack, repository_arn)
 
         self.dead_letters = sqs.Queue(
             self, "StarterDeadLetters",
@@ -121,25 +118,16 @@ class TrainingPipeline(Construct):
 
     # ------------------------------------------------------------------ training image and role
 
-    def _training_image(self, stack: Stack) -> tuple[str, str]:
-        region = stack.region
-        if not Token.is_unresolved(region):
-            uri = training_image.resolve(self.config, region)
-        elif self.config.training_image_uri:
-            uri = self.config.training_image_uri
-        else:
-            table = training_image.region_table(self.config)
-            mapping = CfnMapping(self, "TrainingImageByRegion",
-                                 mapping={r: {"uri": u} for r, u in sorted(table.items())})
-            uri = mapping.find_in_map(Aws.REGION, "uri")
-            ref = training_image.ImageRef.parse(next(iter(table.values())))
-            return uri, f"arn:{Aws.PARTITION}:ecr:{Aws.REGION}:*:repository/{ref.repository}"
-        ref = training_image.ImageRef.parse(uri)
-        if ref.repository:
-            return uri, f"arn:{Aws.PARTITION}:ecr:{ref.region}:{ref.account}:repository/{ref.repository}"
-        return uri, f"arn:{Aws.PARTITION}:ecr:*:*:repository/*"
+    def _training_image(self) -> tuple[str, str]:
+        """The image every job runs: ``trainingImageUri`` when set, else ``training_job/Dockerfile``
+        built and pushed by ``cdk deploy`` (the runtime CI tests; README, "The training image")."""
+        if self.config.training_image_uri:
+            return self.config.training_image_uri, ecr_repository_arn(self.config.training_image_uri)
+        self.image = ecr_assets.DockerImageAsset(
+            self, "TrainingImageAsset", directory=str(stage_training_context()), platform=ecr_assets.Platform.LINUX_AMD64)
+        return self.image.image_uri, self.image.repository.repository_arn
 
-    def _sagemaker_role(self, stack: Stack, ecr_repository_arn: str) -> iam.Role:
+    def _sagemaker_role(self, stack: Stack, repository_arn: str) -> iam.Role:
         data, artifacts, key = self.storage.data_bucket, self.storage.artifacts_bucket, self.storage.key
         role = iam.Role(self, "SageMakerExecutionRole", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
                         description="Training jobs: read datasets/, write models/ and checkpoints/")
@@ -156,13 +144,13 @@ class TrainingPipeline(Construct):
                                 resources=[artifacts.arn_for_objects(f"{CHECKPOINTS_PREFIX}*")]),
             iam.PolicyStatement(sid="ListCheckpoints", actions=["s3:ListBucket"], resources=[artifacts.bucket_arn],
                                 conditions={"StringLike": {"s3:prefix": [f"{CHECKPOINTS_PREFIX}*"]}}),
-            # The pipeline's code is the CDK asset; `launch` uploads its own copy under code/.
-            iam.PolicyStatement(sid="ReadTrainingCode", actions=["s3:GetObject"],
-                                resources=[self.source.bucket.arn_for_objects(self.source.s3_object_key),
-                                           artifacts.arn_for_objects(f"{CODE_PREFIX}*")]),
             # Encrypt: SageMaker encrypts the model archive with OutputDataConfig.KmsKeyId as this role.
             iam.PolicyStatement(sid="UseDataKey", actions=["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey"],
                                 resources=[key.key_arn]),
+            *([iam.PolicyStatement(sid="EncryptTrainingVolume", actions=["kms:CreateGrant", "kms:DescribeKey"],
+                                   resources=[key.key_arn],
+                                   conditions={"Bool": {"kms:GrantIsForAWSResource": "true"}})]
+              if self.config.training_volume_kms() else []),
             iam.PolicyStatement(sid="TrainingLogs",
                                 actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents",
                                          "logs:DescribeLogStreams"],
@@ -174,8 +162,17 @@ class TrainingPipeline(Construct):
             iam.PolicyStatement(sid="PullTrainingImageToken", actions=["ecr:GetAuthorizationToken"], resources=["*"]),
             iam.PolicyStatement(sid="PullTrainingImage",
                                 actions=["ecr:BatchCheckLayerAvailability", "ecr:GetDownloadUrlForLayer", "ecr:BatchGetImage"],
-                                resources=[ecr_repository_arn]),
+                                resources=[repository_arn]),
         ]
+        if self.config.training_vpc_subnet_ids:
+            # What SageMaker does as this role to put a job's network interfaces into the VPC
+            # (SageMaker developer guide, "Give SageMaker Training Jobs Access to Resources in Your VPC").
+            statements.append(iam.PolicyStatement(
+                sid="TrainInVpc", resources=["*"],
+                actions=["ec2:CreateNetworkInterface", "ec2:CreateNetworkInterfacePermission",
+                         "ec2:DeleteNetworkInterface", "ec2:DeleteNetworkInterfacePermission",
+                         "ec2:DescribeNetworkInterfaces", "ec2:DescribeVpcs", "ec2:DescribeDhcpOptions",
+                         "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups"]))
         for statement in statements:
             role.add_to_policy(statement)
         return role
@@ -194,7 +191,12 @@ class TrainingPipeline(Construct):
         def allow(module: str, sid: str, actions: list[str], resources: list[str], **extra: Any) -> None:
             f[module].role.add_to_policy(iam.PolicyStatement(sid=sid, actions=actions, resources=resources, **extra))
 
-        env("starter", artifacts_bucket=artifacts.bucket_name)
+        env("starter", artifacts_bucket=artifacts.bucket_name, topic_arn=self.topic.topic_arn,
+            max_runs_per_day=str(self.config.max_training_runs_per_day))
+        if self.config.max_training_runs_per_day:
+            allow("starter", "RecordRefusedRuns", ["s3:PutObject"], [artifacts.arn_for_objects(f"{REFUSED_RUNS_PREFIX}*")])
+            allow("starter", "AnnounceRefusedRuns", ["sns:Publish"], [self.topic.topic_arn])
+            allow("starter", "UseDataKey", ["kms:Decrypt", "kms:GenerateDataKey"], [key.key_arn])
 
         env("validate_dataset", data_bucket=data.bucket_name)
         allow("validate_dataset", "ReadMarkersAndDatasets", ["s3:GetObject", "s3:GetObjectVersion"],
@@ -241,17 +243,17 @@ class TrainingPipeline(Construct):
 
     def training_parameters(self) -> dict[str, Any]:
         cfg, artifacts = self.config, self.storage.artifacts_bucket
-        hyperparameters = cfg.training_hyperparameters()
-        hyperparameters.update({
-            "sagemaker_program": TRAINING_PROGRAM,
-            "sagemaker_submit_directory": self.source.s3_object_url,
-            "sagemaker_region": Aws.REGION,
-            "sagemaker_container_log_level": "20",
-        })
         stopping = {"MaxRuntimeInSeconds": cfg.max_runtime_seconds}
         if cfg.use_spot_instances:
             stopping["MaxWaitTimeInSeconds"] = cfg.max_wait_seconds
-        return {
+        resources: dict[str, Any] = {"InstanceType": cfg.training_instance_type,
+                                     "InstanceCount": cfg.training_instance_count,
+                                     "VolumeSizeInGB": cfg.training_volume_size_gb}
+        if cfg.training_volume_kms():
+            # Instance types with NVMe instance storage (ml.g4dn, ml.g5, ...) are encrypted in
+            # hardware, and SageMaker refuses a KMS key for them (Config.training_volume_kms).
+            resources["VolumeKmsKeyId"] = self.storage.key.key_arn
+        parameters = {
             "TrainingJobName.$": "$.run.job_name",
             "RoleArn": self.sagemaker_role.role_arn,
             "AlgorithmSpecification": {
@@ -260,16 +262,18 @@ class TrainingPipeline(Construct):
                 "MetricDefinitions": [dict(m) for m in METRIC_DEFINITIONS],
                 "EnableSageMakerMetricsTimeSeries": True,
             },
-            "HyperParameters": hyperparameters,
+            # JSON-encoded values, as the SageMaker SDK sends them and the image's entrypoint decodes them.
+            "HyperParameters": cfg.training_hyperparameters(),
             "InputDataConfig.$": "$.dataset.channels",
             "OutputDataConfig": {"S3OutputPath": f"s3://{artifacts.bucket_name}/{MODELS_PREFIX}",
                                  "KmsKeyId": self.storage.key.key_arn},
             "CheckpointConfig": {"S3Uri.$": "$.run.checkpoint_uri", "LocalPath": CHECKPOINT_LOCAL_PATH},
-            # No VolumeKmsKeyId: GPU types such as ml.g4dn have instance-store volumes, which
-            # SageMaker encrypts in hardware and refuses a KMS key for.
-            "ResourceConfig": {"InstanceType": cfg.training_instance_type, "InstanceCount": cfg.training_instance_count,
-                               "VolumeSizeInGB": cfg.training_volume_size_gb},
+            "ResourceConfig": resources,
             "EnableManagedSpotTraining": cfg.use_spot_instances,
+            # Nothing in the container may reach a network; SageMaker itself moves data and model.
+            "EnableNetworkIsolation": cfg.training_network_isolation,
+            # DDP traffic between instances is encrypted once there is more than one.
+            "EnableInterContainerTrafficEncryption": cfg.training_instance_count > 1,
             "StoppingCondition": stopping,
             "Environment": {"PYTHONUNBUFFERED": "1"},
             "Tags": [
@@ -278,6 +282,10 @@ class TrainingPipeline(Construct):
                 {"Key": "cxr:dataset-fingerprint", "Value.$": "$.dataset.fingerprint"},
             ],
         }
+        if cfg.training_vpc_subnet_ids:
+            parameters["VpcConfig"] = {"Subnets": list(cfg.training_vpc_subnet_ids),
+                                       "SecurityGroupIds": list(cfg.training_vpc_security_group_ids)}
+        return parameters
 
     def _training_state(self, step: Step, on_failure: sfn.IChainable) -> sfn.CustomState:
         state = sfn.CustomState(self, step.name, state_json={
@@ -336,6 +344,10 @@ class TrainingPipeline(Construct):
         starter.function.add_environment(_ENV["state_machine_arn"], self.state_machine.state_machine_arn)
         starter.role.add_to_policy(iam.PolicyStatement(sid="StartRuns", actions=["states:StartExecution"],
                                                        resources=[self.state_machine.state_machine_arn]))
+        if self.config.max_training_runs_per_day:
+            # The daily cap counts today's executions.
+            starter.role.add_to_policy(iam.PolicyStatement(sid="CountRuns", actions=["states:ListExecutions"],
+                                                           resources=[self.state_machine.state_machine_arn]))
         # The local twin applies the same pattern (infra.twin.trigger).
         pattern = dataset_ready_pattern(self.storage.data_bucket.bucket_name)
         self.rule = events.Rule(
@@ -362,10 +374,11 @@ class TrainingPipeline(Construct):
            "registry account differs between regions.")
         for fn in self.functions.values():
             acknowledge_wildcards(fn.role, [
-                r"^Resource::.*/(datasets|models)/\*(/model-quality\.json)?$",
+                r"^Resource::.*/(datasets|models|runs/refused)/\*(/model-quality\.json)?$",
                 r"^Resource::arn:(<AWS::Partition>|aws[a-z-]*):sagemaker:.*:model-package/.+/\*$",
             ], "Object keys carry the dataset and training-job names chosen per run, so access is granted to the "
-               "datasets/ or models/ prefix of the product's own bucket; model package ARNs are created by SageMaker "
+               "datasets/ or models/ prefix of the product's own bucket (refusal records under runs/refused/ are named "
+               "by run id likewise); model package ARNs are created by SageMaker "
                "inside the product's single model package group.")
             acknowledge(fn.function, [
                 ("HIPAA.Security-LambdaInsideVPC", "The pipeline functions reach only S3, SSM, SageMaker, SNS and Step "

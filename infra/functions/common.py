@@ -27,6 +27,8 @@ LOG = logging.getLogger("cxr.pipeline")
 DATASETS_PREFIX = "datasets/"
 MODELS_PREFIX = "models/"
 CHECKPOINTS_PREFIX = "checkpoints/"
+# Markers the starter refused (the daily cap), one JSON record each, in the artifacts bucket.
+REFUSED_RUNS_PREFIX = "runs/refused/"
 APPROVAL_TAG = "cxr-approval"
 RUN_ID_PREFIX = "cxr-"
 # The pointer's value before the first promotion: not a valid ModelPointer on purpose, so serving
@@ -58,6 +60,7 @@ class Settings:
     model_package_group: str = ""
     state_machine_arn: str = ""
     gate: dict[str, Any] = field(default_factory=dict)
+    max_runs_per_day: int = 0  # 0: no cap
 
     _ENV = {
         "data_bucket": "DATA_BUCKET",
@@ -67,6 +70,7 @@ class Settings:
         "model_package_group": "MODEL_PACKAGE_GROUP",
         "state_machine_arn": "STATE_MACHINE_ARN",
         "gate": "GATE_CONFIG",
+        "max_runs_per_day": "MAX_RUNS_PER_DAY",
     }
 
     @classmethod
@@ -76,7 +80,7 @@ class Settings:
         for f in fields(cls):
             var = cls._ENV.get(f.name)
             if var and env.get(var):
-                values[f.name] = json.loads(env[var]) if f.name == "gate" else env[var]
+                values[f.name] = json.loads(env[var]) if f.name in ("gate", "max_runs_per_day") else env[var]
         return cls(**values)
 
     @classmethod

@@ -6,7 +6,10 @@ What a SageMaker training job does with ``training_job/train.py``, done on this 
    S3 server (File mode: every object under the channel's prefix), ``input/config/*.json``,
    ``model/``, ``output/``, ``checkpoints/`` (filled from the job's checkpoint URI, so a job
    that was interrupted resumes, and copied back there while it runs, as SageMaker syncs it);
-2. ``python training_job/train.py --key value ...`` in a subprocess with the ``SM_*`` variables,
+2. ``hyperparameters.json`` JSON-encoded as the state machine and the SageMaker SDK send it
+   (:func:`infra.config.encode_hyperparameters`), and the training image's entrypoint
+   (``training_job/container.py train``) in a subprocess with ``SAGEMAKER_BASE_DIR`` at that tree:
+   it decodes the file, sets the ``SM_*`` variables and runs ``train.py`` exactly as in the cloud,
    bounded by the stack's ``maxRuntimeSeconds``;
 3. on success ``model/`` is packed into ``model.tar.gz`` (:func:`shared.bundle.pack`) and
    uploaded to ``<output_uri><job>/output/model.tar.gz`` (and ``output/data`` as
@@ -31,8 +34,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from shared.bundle import ARCHIVE_NAME, BundleError, pack
+from training_job.container import BASE_DIR_ENV, decode_hyperparameters, to_cmd_args, user_hyperparameters
 
-from ..config import ROOT, TRAINING_PROGRAM
+from ..config import ROOT, TRAINING_ENTRYPOINT, encode_hyperparameters
 from ..functions.common import StepContext, StepError, parse_s3_uri
 from .processes import ProcessGroup, stop
 
@@ -103,12 +107,9 @@ def upload_folder(s3: Any, folder: Path, uri: str, seen: dict[str, float] | None
     return n
 
 
-def hyperparameter_args(hp: dict[str, str]) -> list[str]:
-    """SageMaker's command line: ``--key value`` for each hyperparameter, as strings."""
-    args: list[str] = []
-    for k, v in hp.items():
-        args += [f"--{k}", str(v)]
-    return args
+def hyperparameter_args(hp: dict[str, Any]) -> list[str]:
+    """The command line the training image's entrypoint builds from ``hp`` as SageMaker delivers it."""
+    return to_cmd_args(user_hyperparameters(decode_hyperparameters(encode_hyperparameters(hp))))
 
 
 class _Echo:
@@ -143,7 +144,7 @@ class _Echo:
 class LocalTrainingJob:
     """``train(state, ctx)`` for :func:`infra.pipeline.execute`: one SageMaker job, on this machine."""
 
-    def __init__(self, *, hyperparameters: dict[str, str], processes: ProcessGroup, log_dir: Path,
+    def __init__(self, *, hyperparameters: dict[str, Any], processes: ProcessGroup, log_dir: Path,
                  max_runtime_seconds: int = 7200, echo: bool = True, progress: bool = False,
                  work_dir: Path | None = None, say: Callable[[str], None] = print) -> None:
         self.hyperparameters = dict(hyperparameters)
@@ -166,8 +167,7 @@ class LocalTrainingJob:
             opt_ml = Path(tmp)
             env = self._prepare(opt_ml, state, s3)
             checkpoint_uri = run.get("checkpoint_uri")
-            cmd = [sys.executable, str(ROOT / TRAINING_PROGRAM), "--checkpoint-dir", str(opt_ml / "checkpoints"),
-                   *hyperparameter_args(self.hyperparameters)]
+            cmd = [sys.executable, str(ROOT / TRAINING_ENTRYPOINT), "train"]
             self.say(f"training job {job}: {' '.join(hyperparameter_args(self.hyperparameters))}")
             rc, timed_out = self._run(cmd, opt_ml, env, log_path, s3, checkpoint_uri)
             seconds = max(1, int(time.time() - t0))
@@ -192,10 +192,8 @@ class LocalTrainingJob:
         config = opt_ml / "input" / "config"
         for d in (data, config, opt_ml / "model", opt_ml / "output" / "data", opt_ml / "checkpoints"):
             d.mkdir(parents=True, exist_ok=True)
-        names = []
         for ch in channels:
             name = ch["ChannelName"]
-            names.append(name)
             n = download_prefix(s3, ch["DataSource"]["S3DataSource"]["S3Uri"], data / name, self.progress,
                                 f"channel {name}")
             self.say(f"channel {name}: {n} files from {ch['DataSource']['S3DataSource']['S3Uri']}")
@@ -203,21 +201,14 @@ class LocalTrainingJob:
             n = download_prefix(s3, state["run"]["checkpoint_uri"], opt_ml / "checkpoints")
             if n:
                 self.say(f"resuming from {n} checkpoint files at {state['run']['checkpoint_uri']}")
-        (config / "hyperparameters.json").write_text(json.dumps(self.hyperparameters, indent=2))
+        (config / "hyperparameters.json").write_text(json.dumps(encode_hyperparameters(self.hyperparameters), indent=2))
         (config / "resourceconfig.json").write_text(json.dumps({"current_host": "algo-1", "hosts": ["algo-1"]}))
         (config / "inputdataconfig.json").write_text(json.dumps(
             {c["ChannelName"]: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated"}
              for c in channels}, indent=2))
+        # The entrypoint sets the SM_* variables from these files, as it does in the image.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SM_", "AWS_"))}
-        env.update({
-            "SM_MODEL_DIR": str(opt_ml / "model"), "SM_OUTPUT_DATA_DIR": str(opt_ml / "output" / "data"),
-            "SM_OUTPUT_DIR": str(opt_ml / "output"), "SM_INPUT_DIR": str(opt_ml / "input"),
-            "SM_INPUT_CONFIG_DIR": str(config), "SM_NUM_GPUS": "0", "SM_NUM_CPUS": str(os.cpu_count() or 1),
-            "SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-1", "SM_CHANNELS": json.dumps(names),
-            "SM_HPS": json.dumps(self.hyperparameters), "PYTHONUNBUFFERED": "1",
-        })
-        for name in names:
-            env[f"SM_CHANNEL_{name.upper()}"] = str(data / name)
+        env[BASE_DIR_ENV] = str(opt_ml)
         env.pop("PYTHONPATH", None)
         return env
 

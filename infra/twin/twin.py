@@ -309,7 +309,8 @@ class Twin:
         return MarkerWatcher(self.s3, self.data_bucket).marker(f"{DATASETS_PREFIX}{dataset}/{MARKER_NAME}")
 
     def hyperparameters(self) -> dict[str, str]:
-        hp = _norm_hp(self.cfg.training_hyperparameters()) if self.o.recipe == "cloud" else {}
+        """Plain values; the training step encodes them as SageMaker delivers them."""
+        hp = _norm_hp(self.cfg.hyperparameters) if self.o.recipe == "cloud" else {}
         hp.update(RECIPES[self.o.recipe])
         hp.update(_norm_hp(self.o.hyperparameters))
         hp["progress"] = "bar" if self.o.interactive else "plain"
