@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from shared.bundle import INPUT_NAME, OUTPUT_NAMES
-from shared.evaluation import metrics_at_threshold
+from shared.evaluation import metrics_with_ci
 from shared.labels import CLASS_NAMES
 
 from . import engine as E
@@ -127,7 +127,7 @@ def write_outputs(args, spec, model: Classifier, best_path: Path, val, info: dic
     temperature = fit_temperature(logits, y) if args.calibrate else 1.0
     probs = E.softmax_positive(logits, temperature)
     threshold = choose_threshold(y, probs, args.target_sensitivity)
-    vm = metrics_at_threshold(y, probs, threshold)
+    vm = metrics_with_ci(y, probs, threshold)
     vm["temperature"] = temperature
     vm["best_epoch"] = best["epoch"]
     finished = utc_now()
@@ -160,6 +160,7 @@ def write_outputs(args, spec, model: Classifier, best_path: Path, val, info: dic
         "preprocessing": spec.to_dict(), "best_epoch": best["epoch"], "epochs": args.epochs,
         "temperature": temperature, "device": device_name, "started_at": started, "finished_at": finished,
         "counts": info["counts"], "val_source": info["val_source"], "fingerprint": info["fingerprint"],
+        "initial_weights": (info.get("initial_weights") or {}).get("name"), "select_metric": args.select_metric,
         "threshold_policy": (f"the highest threshold with validation sensitivity >= {args.target_sensitivity}"
                              if args.target_sensitivity else "maximising Youden's J on validation"),
     }

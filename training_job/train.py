@@ -46,7 +46,13 @@ from shared.preprocessing import PreprocessSpec
 from training_job import data as D
 from training_job import engine as E
 from training_job.export import ExportError, utc_now, write_outputs
-from training_job.models import ARCHITECTURES, PRETRAINED, build_model, input_normalization, pretrained_provenance
+from training_job.models import (
+    ARCHITECTURES,
+    PRETRAINED,
+    build_model,
+    input_normalization,
+    pretrained_provenance,
+)
 from training_job.recipes import RECIPES
 
 CHECKPOINT_VERSION = 1
