@@ -32,6 +32,7 @@ from aws_lambda_powertools.event_handler import APIGatewayRestResolver, CORSConf
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
 
+from shared.api import CORS_ALLOW_HEADERS, CORS_MAX_AGE_SECONDS, ROUTES
 from shared.imaging import ImageError, decode_image
 from shared.predictor import class_activation_map
 from shared.preprocessing import decode_min_side
@@ -45,7 +46,6 @@ from .model_store import ModelStore
 PAGE_PATH = Path(__file__).resolve().parent / "static" / "index.html"
 PAGE = PAGE_PATH.read_text(encoding="utf-8")
 HTML = "text/html; charset=utf-8"
-ROUTES = {"/": ("GET",), "/health": ("GET",), "/predict": ("POST",)}
 _TRUE = ("1", "true", "yes", "on")
 
 logger = Logger(service=SERVICE_NAME)
@@ -54,8 +54,9 @@ settings = Settings.from_env()
 store = ModelStore(settings)
 
 app = APIGatewayRestResolver(
-    cors=CORSConfig(allow_origin=settings.cors_allow_origin, allow_headers=["Content-Type", "X-Api-Key"],
-                    max_age=600),
+    # Several origins: Powertools answers the request's Origin when it is one of them, never "*".
+    cors=CORSConfig(allow_origin=settings.cors_allow_origins[0], extra_origins=list(settings.cors_allow_origins[1:]),
+                    allow_headers=list(CORS_ALLOW_HEADERS), max_age=CORS_MAX_AGE_SECONDS),
     # Explicit: the resolver's debug mode (also switchable by env) prints whole events, bodies included.
     debug=False,
 )

@@ -20,15 +20,16 @@ from pathlib import PurePosixPath
 import multipart
 import pybase64  # SIMD base64: decoding a 300 KB body takes 15 us instead of 0.6 ms
 
-from shared.imaging import FILE_EXTENSIONS, SUPPORTED_MEDIA_TYPES, media_type_format
+from shared.api import ACCEPTED_MEDIA_TYPES, JSON_MEDIA_TYPE, MULTIPART_MEDIA_TYPE
+from shared.imaging import FILE_EXTENSIONS, media_type_format
 
 from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 MAX_IMAGE_BYTES = 4_500_000
 MAX_BODY_BYTES = 6 * 1024 * 1024
-JSON_TYPES = ("application/json",)
-MULTIPART_TYPE = "multipart/form-data"
-ACCEPTED_TYPES = (*SUPPORTED_MEDIA_TYPES, *JSON_TYPES, MULTIPART_TYPE)
+JSON_TYPES = (JSON_MEDIA_TYPE,)
+MULTIPART_TYPE = MULTIPART_MEDIA_TYPE
+ACCEPTED_TYPES = ACCEPTED_MEDIA_TYPES
 FILE_FIELD = "file"
 JSON_FIELD = "image_base64"
 _MAX_MULTIPART_PARTS = 16

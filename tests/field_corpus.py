@@ -144,7 +144,6 @@ def dicom_file(pic: np.ndarray, encoding: str, photometric: str, bits: int, kind
     from pydicom.encaps import encapsulate
     from pydicom.uid import (
         ExplicitVRLittleEndian,
-        ImplicitVRLittleEndian,
         JPEG2000Lossless,
         JPEGLosslessSV1,
         JPEGLSLossless,

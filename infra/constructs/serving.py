@@ -25,9 +25,16 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from constructs import Construct
 
+from shared.api import (
+    BINARY_MEDIA_TYPES,
+    CORS_ALLOW_HEADERS,
+    CORS_ALLOW_METHODS,
+    CORS_MAX_AGE_SECONDS,
+    STAGE_NAME,
+)
+
 from ..config import MODELS_PREFIX, ROOT, Config
 from ..nag import acknowledge, acknowledge_wildcards
-from ..names import BINARY_MEDIA_TYPES
 from . import output
 from .lambdas import container_function, log_group
 from .registry import ModelRegistry
@@ -45,7 +52,7 @@ INFERENCE_CONTEXT_EXCLUDE = [
     "**/.pytest_cache",
     "**/.ruff_cache",
 ]
-STAGE = "prod"
+STAGE = STAGE_NAME
 
 
 class Serving(Construct):
@@ -54,8 +61,9 @@ class Serving(Construct):
         super().__init__(scope, id)
         self.config = config
 
-        # API Gateway and the function each send one Access-Control-Allow-Origin value.
-        cors_origin = config.cors_allow_origins[0] if len(config.cors_allow_origins) == 1 else "*"
+        # The function answers each allowed origin itself; API Gateway's own error responses carry
+        # one fixed value, so with several origins they name the first (never "*" once one is configured).
+        gateway_origin = config.cors_allow_origins[0]
         code = lambda_.DockerImageCode.from_image_asset(
             str(source_root), file=INFERENCE_DOCKERFILE, exclude=INFERENCE_CONTEXT_EXCLUDE,
             platform=ecr_assets.Platform.LINUX_AMD64)
@@ -69,7 +77,7 @@ class Serving(Construct):
                 "POWERTOOLS_SERVICE_NAME": config.service_name,
                 "POWERTOOLS_METRICS_NAMESPACE": config.metrics_namespace,
                 "POWERTOOLS_LOG_LEVEL": "INFO",
-                "CORS_ALLOW_ORIGIN": cors_origin,
+                "CORS_ALLOW_ORIGINS": ",".join(config.cors_allow_origins),
             },
         )
         self.function, self.function_role = fn.function, fn.role
@@ -110,9 +118,9 @@ class Serving(Construct):
             ),
             default_cors_preflight_options=apigw.CorsOptions(
                 allow_origins=config.cors_allow_origins,
-                allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["Content-Type", "X-Api-Key"],
-                max_age=Duration.hours(1),
+                allow_methods=list(CORS_ALLOW_METHODS),
+                allow_headers=list(CORS_ALLOW_HEADERS),
+                max_age=Duration.seconds(CORS_MAX_AGE_SECONDS),
             ),
         )
         integration = apigw.LambdaIntegration(self.function, proxy=True, allow_test_invoke=False)
@@ -126,7 +134,7 @@ class Serving(Construct):
                                     (apigw.ResponseType.DEFAULT_5_XX, "gateway_error")):
             self.api.add_gateway_response(
                 f"{code.title().replace('_', '')}Response", type=response_type,
-                response_headers={"Access-Control-Allow-Origin": f"'{cors_origin}'"},
+                response_headers={"Access-Control-Allow-Origin": f"'{gateway_origin}'"},
                 templates={"application/json": '{"error": {"code": "$context.error.responseType", '
                                                '"message": $context.error.messageString}}'},
             )
