@@ -248,3 +248,23 @@ def test_probability_equals_the_evaluation_command(inference_app, tiny_bundle, o
     for path in originals:
         body = assert_prediction(call(inference_app, api_event(body=path.read_bytes(), content_type="image/jpeg")))
         assert abs(body["probability"] - scored[str(path)]) <= 1e-6  # the CSV keeps six decimals
+
+
+def test_cors_with_several_origins_answers_the_callers_and_never_any(monkeypatch, tiny_bundle, tmp_path):
+    import importlib
+
+    from inference_lambda import app as app_module
+
+    monkeypatch.setenv("CORS_ALLOW_ORIGINS", "https://a.example,https://b.example")
+    monkeypatch.setenv("MODEL_LOAD_AT_INIT", "false")
+    fresh = importlib.reload(app_module)
+    try:
+        for origin in ("https://a.example", "https://b.example"):
+            reply = call(fresh, api_event("OPTIONS", "/predict", headers={
+                "Origin": origin, "Access-Control-Request-Method": "POST"}))
+            assert reply.headers["access-control-allow-origin"] == origin
+        reply = call(fresh, api_event("GET", "/", headers={"Origin": "https://evil.example"}))
+        assert reply.headers.get("access-control-allow-origin") not in ("*", "https://evil.example")
+    finally:
+        monkeypatch.delenv("CORS_ALLOW_ORIGINS")
+        importlib.reload(app_module)
