@@ -40,7 +40,7 @@ from shared.preprocessing import decode_min_side
 from .config import METRICS_NAMESPACE, SERVICE_NAME, Settings
 from .errors import ApiError, BadRequest, MethodNotAllowed, ModelUnavailable, NotFound, error_body
 from .heatmap import DISPLAY_MAX_SIDE, overlay_png
-from .inputs import extract_image
+from .inputs import printable, extract_image
 from .model_store import ModelStore
 
 PAGE_PATH = Path(__file__).resolve().parent / "static" / "index.html"
@@ -154,7 +154,7 @@ def not_found(_exc: Exception) -> Response:
         err: ApiError = MethodNotAllowed(f"{event.http_method} is not allowed on {path}; use {', '.join(allowed)}",
                                          headers={"Allow": ", ".join(allowed)})
     else:
-        err = NotFound(f"no route {path!r}; the routes are {', '.join(f'{m} {p}' for p, ms in ROUTES.items() for m in ms)}")
+        err = NotFound(f"no route '{printable(path[:100])}'; the routes are {', '.join(f'{m} {p}' for p, ms in ROUTES.items() for m in ms)}")
     return _rejected(err.http_status, err.code, err.message, err.headers)
 
 

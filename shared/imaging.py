@@ -386,8 +386,8 @@ def _decode_dicom(data: bytes) -> DecodedImage:
         except ImageError:
             raise
         except Exception as exc:  # malformed files raise many types, deep inside element parsing
-            # Only the type: pydicom's messages may quote the bytes or values of the element.
-            raise CorruptImageError(f"the DICOM file is damaged or malformed ({type(exc).__name__})") from None
+            # No detail: pydicom's messages may quote the bytes or values of the element.
+            raise CorruptImageError("the DICOM file is damaged or malformed: an element cannot be read") from None
 
 
 def _decode_dicom_dataset(data: bytes) -> DecodedImage:
@@ -397,7 +397,7 @@ def _decode_dicom_dataset(data: bytes) -> DecodedImage:
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CorruptImageError(f"the DICOM file cannot be parsed ({type(exc).__name__})") from None
+        raise CorruptImageError("the DICOM file cannot be parsed: it is truncated or not DICOM") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise UnsupportedDicomError("the DICOM file has no pixel data (is it a structured report or a worklist?)")
     try:
@@ -419,7 +419,7 @@ def _decode_dicom_dataset(data: bytes) -> DecodedImage:
     except (ValueError, AttributeError, KeyError, TypeError, RuntimeError, OSError, EOFError) as exc:
         if tsyntax is not None and getattr(tsyntax, "is_compressed", False):
             raise UnsupportedDicomError(
-                f"DICOM transfer syntax {_syntax_name(tsyntax)} could not be decoded ({type(exc).__name__}); "
+                f"DICOM transfer syntax {_syntax_name(tsyntax)} could not be decoded (the compressed data are damaged); "
                 "send it uncompressed (Explicit VR Little Endian) or as JPEG/PNG"
             ) from None
         raise CorruptImageError(f"the DICOM pixel data is damaged or inconsistent{_reason(exc)}") from None
