@@ -40,7 +40,7 @@ from shared.preprocessing import decode_min_side
 from .config import METRICS_NAMESPACE, SERVICE_NAME, Settings
 from .errors import ApiError, BadRequest, MethodNotAllowed, ModelUnavailable, NotFound, error_body
 from .heatmap import DISPLAY_MAX_SIDE, overlay_png
-from .inputs import printable, extract_image
+from .inputs import extract_image, printable
 from .model_store import ModelStore
 
 PAGE_PATH = Path(__file__).resolve().parent / "static" / "index.html"

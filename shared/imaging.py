@@ -385,7 +385,7 @@ def _decode_dicom(data: bytes) -> DecodedImage:
             return _decode_dicom_dataset(data)
         except ImageError:
             raise
-        except Exception as exc:  # malformed files raise many types, deep inside element parsing
+        except Exception:  # malformed files raise many types, deep inside element parsing
             # No detail: pydicom's messages may quote the bytes or values of the element.
             raise CorruptImageError("the DICOM file is damaged or malformed: an element cannot be read") from None
 
@@ -396,7 +396,7 @@ def _decode_dicom_dataset(data: bytes) -> DecodedImage:
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError):
         raise CorruptImageError("the DICOM file cannot be parsed: it is truncated or not DICOM") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise UnsupportedDicomError("the DICOM file has no pixel data (is it a structured report or a worklist?)")

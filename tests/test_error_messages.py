@@ -10,10 +10,9 @@ from __future__ import annotations
 import re
 
 import pytest
+from conftest import original_images
 from field_corpus import dicom_file, picture, png8, png16, raster_files, scaled
 from test_inference_support import api_event, call
-
-from conftest import original_images
 
 pytestmark = pytest.mark.filterwarnings("ignore:No application metrics to publish")
 
