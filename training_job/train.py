@@ -490,7 +490,7 @@ def run(args, dist_info: Dist) -> Path | None:
             history.append(row)
             # The metric line SageMaker's MetricDefinitions parse: keep its format stable.
             print(f"epoch={epoch} train_loss={train_loss:.4f} val_loss={val_loss:.4f} val_auc={m['roc_auc']:.4f} "
-                  f"val_acc={m['accuracy']:.4f} lr={row['lr']:.6f}", flush=True)
+                  f"val_acc={m['accuracy']:.4f} lr={row['lr']:.3e}", flush=True)
             improved = (m["roc_auc"], -val_loss) > (best["val_auc"], -best["val_loss"])
             if improved:
                 best = {"epoch": epoch, "val_auc": m["roc_auc"], "val_loss": val_loss}
@@ -535,7 +535,7 @@ def finish(args, spec, model, best_path: Path, val: D.Split, info: dict, history
         "hyperparameters": hp, "code_version": code_version(), "started_at": started, "finished_at": finished,
         "device": device_name, "torch": torch.__version__,
     }
-    log(f"best epoch {best['epoch']}: val_auc={vm['roc_auc']:.4f}; temperature {temperature:.3f}; "
+    log(f"best epoch {best['epoch']}: validation ROC AUC {vm['roc_auc']:.4f}; temperature {temperature:.3f}; "
         f"threshold {threshold:.4f} -> accuracy {vm['accuracy']:.4f}, sensitivity {vm['sensitivity']:.4f}, "
         f"specificity {vm['specificity']:.4f}")
 
