@@ -39,12 +39,13 @@ from shared.preprocessing import decode_min_side
 
 from .config import METRICS_NAMESPACE, SERVICE_NAME, Settings
 from .errors import ApiError, BadRequest, MethodNotAllowed, ModelUnavailable, NotFound, error_body
-from .heatmap import DISPLAY_MAX_SIDE, overlay_png
+from .heatmap import DISPLAY_MAX_SIDE, css_gradient, overlay_png
 from .inputs import extract_image, printable
 from .model_store import ModelStore
 
 PAGE_PATH = Path(__file__).resolve().parent / "static" / "index.html"
-PAGE = PAGE_PATH.read_text(encoding="utf-8")
+# The heatmap legend on the page is drawn with the colours heatmap.py paints with.
+PAGE = PAGE_PATH.read_text(encoding="utf-8").replace("{{HEATMAP_GRADIENT}}", css_gradient())
 HTML = "text/html; charset=utf-8"
 _TRUE = ("1", "true", "yes", "on")
 
