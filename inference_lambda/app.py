@@ -32,20 +32,21 @@ from aws_lambda_powertools.event_handler import APIGatewayRestResolver, CORSConf
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
 
+from shared.api import CORS_ALLOW_HEADERS, CORS_MAX_AGE_SECONDS, ROUTES
 from shared.imaging import ImageError, decode_image
 from shared.predictor import class_activation_map
 from shared.preprocessing import decode_min_side
 
 from .config import METRICS_NAMESPACE, SERVICE_NAME, Settings
 from .errors import ApiError, BadRequest, MethodNotAllowed, ModelUnavailable, NotFound, error_body
-from .heatmap import DISPLAY_MAX_SIDE, overlay_png
-from .inputs import extract_image
+from .heatmap import DISPLAY_MAX_SIDE, css_gradient, overlay_png
+from .inputs import extract_image, printable
 from .model_store import ModelStore
 
 PAGE_PATH = Path(__file__).resolve().parent / "static" / "index.html"
-PAGE = PAGE_PATH.read_text(encoding="utf-8")
+# The heatmap legend on the page is drawn with the colours heatmap.py paints with.
+PAGE = PAGE_PATH.read_text(encoding="utf-8").replace("{{HEATMAP_GRADIENT}}", css_gradient())
 HTML = "text/html; charset=utf-8"
-ROUTES = {"/": ("GET",), "/health": ("GET",), "/predict": ("POST",)}
 _TRUE = ("1", "true", "yes", "on")
 
 logger = Logger(service=SERVICE_NAME)
@@ -54,8 +55,9 @@ settings = Settings.from_env()
 store = ModelStore(settings)
 
 app = APIGatewayRestResolver(
-    cors=CORSConfig(allow_origin=settings.cors_allow_origin, extra_origins=list(settings.cors_extra_origins),
-                    allow_headers=["Content-Type", "X-Api-Key"], max_age=600),
+    # Several origins: Powertools answers the request's Origin when it is one of them, never "*".
+    cors=CORSConfig(allow_origin=settings.cors_allow_origins[0], extra_origins=list(settings.cors_allow_origins[1:]),
+                    allow_headers=list(CORS_ALLOW_HEADERS), max_age=CORS_MAX_AGE_SECONDS),
     # Explicit: the resolver's debug mode (also switchable by env) prints whole events, bodies included.
     debug=False,
 )
@@ -153,7 +155,7 @@ def not_found(_exc: Exception) -> Response:
         err: ApiError = MethodNotAllowed(f"{event.http_method} is not allowed on {path}; use {', '.join(allowed)}",
                                          headers={"Allow": ", ".join(allowed)})
     else:
-        err = NotFound(f"no route {path!r}; the routes are {', '.join(f'{m} {p}' for p, ms in ROUTES.items() for m in ms)}")
+        err = NotFound(f"no route '{printable(path[:100])}'; the routes are {', '.join(f'{m} {p}' for p, ms in ROUTES.items() for m in ms)}")
     return _rejected(err.http_status, err.code, err.message, err.headers)
 
 

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.api import parse_origins
+
 # One service name for the handler's logger, its child loggers and the metrics' dimension.
 SERVICE_NAME = os.environ.get("POWERTOOLS_SERVICE_NAME", "cxr-inference")
 METRICS_NAMESPACE = os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "CxrPneumonia")
@@ -42,9 +44,8 @@ class Settings:
     retry_seconds: int = 10
     # Loading during the init phase keeps the download and session creation off the first request.
     load_at_init: bool = True
-    cors_allow_origin: str = "*"
-    # Further allowed origins: a request from one of them gets its own origin back (never "*").
-    cors_extra_origins: tuple[str, ...] = ()
+    # Origins allowed to call the API from a browser; ("*",) allows any (shared.api.cors_allow_origin).
+    cors_allow_origins: tuple[str, ...] = ("*",)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -55,6 +56,6 @@ class Settings:
             threads=_int_env("MODEL_THREADS", 0),
             retry_seconds=_int_env("MODEL_RETRY_SECONDS", 10),
             load_at_init=_bool_env("MODEL_LOAD_AT_INIT", True),
-            cors_allow_origin=os.environ.get("CORS_ALLOW_ORIGIN", "*").strip() or "*",
-            cors_extra_origins=tuple(o.strip() for o in os.environ.get("CORS_EXTRA_ORIGINS", "").split(",") if o.strip()),
+            cors_allow_origins=tuple(parse_origins(os.environ.get("CORS_ALLOW_ORIGINS")
+                                                   or os.environ.get("CORS_ALLOW_ORIGIN"))),
         )

@@ -20,9 +20,18 @@ from shared.preprocessing import PreprocessSpec
 DISPLAY_MAX_SIDE = 512
 ALPHA = 0.55
 
-# A "jet"-like ramp: dark blue (no evidence) through cyan and yellow to dark red (strongest).
-_ANCHORS = ((0.0, (0, 0, 128)), (0.125, (0, 0, 255)), (0.375, (0, 255, 255)),
-            (0.625, (255, 255, 0)), (0.875, (255, 0, 0)), (1.0, (128, 0, 0)))
+# Viridis, perceptually uniform and readable with colour-vision deficiencies (van der Walt and
+# Smith, matplotlib's "viridis", CC0): its colour at every eighth of the range, interpolated
+# linearly in between. Dark purple: no evidence; yellow: the strongest evidence for the answer.
+_ANCHORS = ((0.0, (68, 1, 84)), (0.125, (71, 45, 123)), (0.25, (59, 82, 139)), (0.375, (44, 114, 142)),
+            (0.5, (33, 145, 140)), (0.625, (40, 174, 128)), (0.75, (94, 201, 98)), (0.875, (173, 220, 48)),
+            (1.0, (253, 231, 37)))
+
+
+def css_gradient() -> str:
+    """The colour map as a CSS ``linear-gradient`` (left: no evidence, right: strongest), for the page's legend."""
+    stops = ", ".join(f"rgb{c} {round(x * 100)}%" for x, c in _ANCHORS)
+    return f"linear-gradient(to right, {stops})"
 
 
 def _colour_table() -> np.ndarray:

@@ -20,15 +20,16 @@ from pathlib import PurePosixPath
 import multipart
 import pybase64  # SIMD base64: decoding a 300 KB body takes 15 us instead of 0.6 ms
 
-from shared.imaging import FILE_EXTENSIONS, SUPPORTED_MEDIA_TYPES, media_type_format
+from shared.api import ACCEPTED_MEDIA_TYPES, JSON_MEDIA_TYPE, MULTIPART_MEDIA_TYPE
+from shared.imaging import FILE_EXTENSIONS, media_type_format
 
 from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 MAX_IMAGE_BYTES = 4_500_000
 MAX_BODY_BYTES = 6 * 1024 * 1024
-JSON_TYPES = ("application/json",)
-MULTIPART_TYPE = "multipart/form-data"
-ACCEPTED_TYPES = (*SUPPORTED_MEDIA_TYPES, *JSON_TYPES, MULTIPART_TYPE)
+JSON_TYPES = (JSON_MEDIA_TYPE,)
+MULTIPART_TYPE = MULTIPART_MEDIA_TYPE
+ACCEPTED_TYPES = ACCEPTED_MEDIA_TYPES
 FILE_FIELD = "file"
 JSON_FIELD = "image_base64"
 _MAX_MULTIPART_PARTS = 16
@@ -50,8 +51,13 @@ def _too_large(what: str, size: int, limit: int) -> PayloadTooLarge:
     )
 
 
+def printable(text: str) -> str:
+    """The user's own text, quoted back without control characters or quotes."""
+    return "".join(ch if ch.isprintable() and ch not in "'\"" else "?" for ch in text)
+
+
 def _unsupported(content_type: str | None) -> UnsupportedMediaType:
-    said = (f"Content-Type {content_type[:100]!r} is not accepted" if content_type
+    said = (f"Content-Type '{printable(content_type[:100])}' is not accepted" if content_type
             else "the Content-Type header is missing")
     return UnsupportedMediaType(
         f"{said}; send {', '.join(('image/jpeg', 'image/png', 'application/dicom'))} bytes, "
@@ -149,7 +155,7 @@ def _from_multipart(raw: bytes, content_type: str) -> ImagePayload:
                     found += event
     except multipart.MultipartError as exc:
         # The parser's own sentence only: its extra arguments may carry undecodable header bytes.
-        reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else type(exc).__name__
+        reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else "unreadable"
         raise BadRequest(f"the multipart/form-data body is malformed ({reason})", code="invalid_multipart") from None
     if found is None or segment is None:
         raise BadRequest(f"the multipart form has no '{FILE_FIELD}' field; send the image as "

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .functions.common import DATASETS_PREFIX, MARKER_NAME
+from shared.api import BINARY_MEDIA_TYPES  # noqa: F401  (the API contract, re-exported for the constructs)
 
-# The REST API's binary media types: request bodies of these types reach the function base64-encoded.
-BINARY_MEDIA_TYPES = ["image/jpeg", "image/png", "application/dicom", "multipart/form-data"]
+from .functions.common import DATASETS_PREFIX, MARKER_NAME
 
 
 def dataset_ready_pattern(data_bucket: str) -> dict[str, Any]:

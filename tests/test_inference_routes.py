@@ -248,3 +248,38 @@ def test_probability_equals_the_evaluation_command(inference_app, tiny_bundle, o
     for path in originals:
         body = assert_prediction(call(inference_app, api_event(body=path.read_bytes(), content_type="image/jpeg")))
         assert abs(body["probability"] - scored[str(path)]) <= 1e-6  # the CSV keeps six decimals
+
+
+def test_cors_with_several_origins_answers_the_callers_and_never_any(monkeypatch, tiny_bundle, tmp_path):
+    import importlib
+
+    from inference_lambda import app as app_module
+
+    monkeypatch.setenv("CORS_ALLOW_ORIGINS", "https://a.example,https://b.example")
+    monkeypatch.setenv("MODEL_LOAD_AT_INIT", "false")
+    fresh = importlib.reload(app_module)
+    try:
+        for origin in ("https://a.example", "https://b.example"):
+            reply = call(fresh, api_event("OPTIONS", "/predict", headers={
+                "Origin": origin, "Access-Control-Request-Method": "POST"}))
+            assert reply.headers["access-control-allow-origin"] == origin
+        reply = call(fresh, api_event("GET", "/", headers={"Origin": "https://evil.example"}))
+        assert reply.headers.get("access-control-allow-origin") not in ("*", "https://evil.example")
+    finally:
+        monkeypatch.delenv("CORS_ALLOW_ORIGINS")
+        importlib.reload(app_module)
+
+
+def test_page_key_is_required_forgettable_and_heatmap_has_a_viridis_legend(inference_app):
+    import re
+
+    from inference_lambda.heatmap import COLOURS, css_gradient
+
+    html = call(inference_app, api_event("GET", "/")).text
+    assert "required for predictions" in html and 'id="forget-key"' in html and "removeItem(KEY_STORE)" in html
+    # The drop zone's accessible name is its visible text (WCAG 2.5.3), not a different label.
+    assert 'aria-labelledby="drop-text"' in html and 'aria-label="Choose or drop' not in html
+    assert "{{" not in html and css_gradient() in html and 'id="legend"' in html
+    # The overlay paints with viridis: dark purple at no activation, yellow at the strongest.
+    assert tuple(int(v) for v in COLOURS[0]) == (68, 1, 84) and tuple(int(v) for v in COLOURS[255]) == (253, 231, 37)
+    assert re.search(r"rgb\(68, 1, 84\) 0%.*rgb\(253, 231, 37\) 100%", css_gradient())

@@ -235,3 +235,15 @@ def test_ddp_with_two_cpu_processes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert [int(m[0]) for m in METRIC_LINE.findall(proc.stdout)] == [1, 2]  # one line per epoch: rank 0 only
     assert read_bundle(opt_ml / "model").meta["provenance"]["hyperparameters"]["processes_per_host"] == 2
+
+
+def test_metric_definitions_see_one_point_per_epoch_and_lr_keeps_its_digits(trained):
+    from infra.config import METRIC_DEFINITIONS
+
+    _, proc = trained
+    regex = {m["Name"]: re.compile(m["Regex"]) for m in METRIC_DEFINITIONS}
+    output = proc.stdout + proc.stderr
+    auc_points = [line for line in output.splitlines() if regex["val_auc"].search(line)]
+    assert len(auc_points) == 3 and all(line.startswith("epoch=") for line in auc_points), auc_points
+    lrs = [float(regex["lr"].search(line).group(1)) for line in auc_points]
+    assert all(lr > 0 for lr in lrs) and all("e-" in line.split("lr=")[1] for line in auc_points), lrs

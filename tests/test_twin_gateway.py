@@ -186,3 +186,37 @@ def test_concurrent_requests_and_a_crashed_environment(gateway):
     assert gateway.lambdas._idle.qsize() == gateway.lambdas.size and gateway.lambdas.cold_starts == 3
     with ThreadPoolExecutor(4) as pool:
         assert set(pool.map(post, range(8))) == {200}
+
+
+def test_a_body_outside_the_binary_media_types_arrives_as_text_like_on_api_gateway(tmp_path, originals):
+    # API Gateway decodes such a body as UTF-8 and replaces what is not: a JPEG sent under an
+    # unlisted type reaches the function broken, so the handler must refuse it, not predict.
+    from test_inference_support import FakeContext, Reply
+
+    from inference_lambda import app
+
+    gw = _gateway(tmp_path)
+    jpeg = originals[0].read_bytes()
+    ev = gw.event("POST", "/predict", "/predict", "", [("Content-Type", "image/x-unlisted-jpeg")], jpeg,
+                  "127.0.0.1", "rid-4", KEY)
+    assert ev["isBase64Encoded"] is False and "\ufffd" in ev["body"]
+    ev["headers"]["Content-Type"] = "image/jpeg"  # as if the handler accepted a type the API lacked
+    reply = Reply(app.handler(ev, FakeContext()))
+    assert reply.status in (400, 415) and reply.error_code in ("corrupt_image", "unsupported_media_type")
+    for media_type in ("image/jpg", "image/pjpeg", "application/dicom+octet-stream"):
+        ev = gw.event("POST", "/predict", "/predict", "", [("Content-Type", media_type)], jpeg, "127.0.0.1",
+                      "rid-5", KEY)
+        assert ev["isBase64Encoded"] is True and base64.b64decode(ev["body"]) == jpeg
+
+
+def test_cors_origin_is_the_callers_when_allowed_and_never_widened_to_any():
+    from shared.api import cors_allow_origin, parse_origins
+
+    allowed = ["https://a.example", "https://b.example/"]
+    assert cors_allow_origin("https://b.example", allowed) == "https://b.example"
+    assert cors_allow_origin("https://A.example", allowed) == "https://a.example"
+    assert cors_allow_origin("https://evil.example", allowed) is None
+    assert cors_allow_origin(None, allowed) is None
+    assert cors_allow_origin("https://any.example", ["*"]) == "*"
+    assert parse_origins(" https://a.example , https://b.example") == ["https://a.example", "https://b.example"]
+    assert parse_origins("") == ["*"]

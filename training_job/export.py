@@ -140,7 +140,7 @@ def write_outputs(args, spec, model: Classifier, best_path: Path, val, info: dic
         "initial_weights": info.get("initial_weights"), "hyperparameters": hp, "code_version": code_version(), "started_at": started, "finished_at": finished,
         "device": device_name, "torch": torch.__version__,
     }
-    log(f"best epoch {best['epoch']}: val_auc={vm['roc_auc']:.4f}; temperature {temperature:.3f}; "
+    log(f"best epoch {best['epoch']}: validation ROC AUC {vm['roc_auc']:.4f}; temperature {temperature:.3f}; "
         f"threshold {threshold:.4f} -> accuracy {vm['accuracy']:.4f}, sensitivity {vm['sensitivity']:.4f}, "
         f"specificity {vm['specificity']:.4f}")
 

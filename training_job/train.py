@@ -368,7 +368,7 @@ def run(args, dist_info: Dist) -> Path | None:
             history.append(row)
             # The metric line SageMaker's MetricDefinitions parse: keep its format stable.
             print(f"epoch={epoch} train_loss={train_loss:.4f} val_loss={row['val_loss']:.4f} val_auc={row['val_auc']:.4f} "
-                  f"val_acc={row['val_acc']:.4f} lr={row['lr']:.6f}", flush=True)
+                  f"val_acc={row['val_acc']:.4f} lr={row['lr']:.3e}", flush=True)
             if E.is_better(row, best, args.select_metric):
                 best = {k: row[k] for k in ("epoch", "val_auc", "val_loss", "val_acc")}
                 save_checkpoint(best_path, {"model": eval_model.state_dict(), "epoch": epoch, "key": key})

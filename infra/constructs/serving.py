@@ -34,9 +34,16 @@ from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_wafv2 as wafv2
 from constructs import Construct
 
+from shared.api import (
+    BINARY_MEDIA_TYPES,
+    CORS_ALLOW_HEADERS,
+    CORS_ALLOW_METHODS,
+    CORS_MAX_AGE_SECONDS,
+    STAGE_NAME,
+)
+
 from ..config import MODELS_PREFIX, ROOT, Config
 from ..nag import acknowledge, acknowledge_wildcards
-from ..names import BINARY_MEDIA_TYPES
 from . import output
 from .lambdas import container_function, log_group
 from .registry import ModelRegistry
@@ -54,7 +61,7 @@ INFERENCE_CONTEXT_EXCLUDE = [
     "**/.pytest_cache",
     "**/.ruff_cache",
 ]
-STAGE = "prod"
+STAGE = STAGE_NAME
 # Headers a browser must be allowed to send for each authorization mode (SigV4 or a user-pool token).
 _AUTH_HEADERS = {"iam": ["Authorization", "X-Amz-Date", "X-Amz-Security-Token", "X-Amz-Content-Sha256"],
                  "cognito": ["Authorization"]}
@@ -66,12 +73,10 @@ class Serving(Construct):
         super().__init__(scope, id)
         self.config = config
 
-        # The function echoes an allowed request origin (Powertools' CORSConfig); the gateway's own
-        # error responses can carry one fixed value only, so with several origins they carry none.
-        origins = list(config.cors_allow_origins)
-        cors_env = {"CORS_ALLOW_ORIGIN": origins[0]} if origins else {"CORS_ALLOW_ORIGIN": "*"}
-        if len(origins) > 1:
-            cors_env["CORS_EXTRA_ORIGINS"] = ",".join(origins[1:])
+        # The function answers each allowed origin itself; API Gateway's own error responses carry
+        # one fixed value, so with several origins they name the first (never "*" once one is configured).
+        origins = list(config.cors_allow_origins) or ["*"]
+        gateway_origin = origins[0]
         code = lambda_.DockerImageCode.from_image_asset(
             str(source_root), file=INFERENCE_DOCKERFILE, exclude=INFERENCE_CONTEXT_EXCLUDE,
             platform=ecr_assets.Platform.LINUX_AMD64)
@@ -85,7 +90,7 @@ class Serving(Construct):
                 "POWERTOOLS_SERVICE_NAME": config.service_name,
                 "POWERTOOLS_METRICS_NAMESPACE": config.metrics_namespace,
                 "POWERTOOLS_LOG_LEVEL": "INFO",
-                **cors_env,
+                "CORS_ALLOW_ORIGINS": ",".join(origins),
             },
         )
         cfn_function = fn.function.node.default_child
@@ -128,10 +133,10 @@ class Serving(Construct):
                 tracing_enabled=True,
             ),
             default_cors_preflight_options=apigw.CorsOptions(
-                allow_origins=origins or ["*"],
-                allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["Content-Type", "X-Api-Key", *_AUTH_HEADERS.get(config.api_authorization, [])],
-                max_age=Duration.hours(1),
+                allow_origins=origins,
+                allow_methods=list(CORS_ALLOW_METHODS),
+                allow_headers=[*CORS_ALLOW_HEADERS, *_AUTH_HEADERS.get(config.api_authorization, [])],
+                max_age=Duration.seconds(CORS_MAX_AGE_SECONDS),
             ),
         )
         target: lambda_.IFunction = self.function
@@ -152,8 +157,7 @@ class Serving(Construct):
                                     (apigw.ResponseType.DEFAULT_5_XX, "gateway_error")):
             self.api.add_gateway_response(
                 f"{code.title().replace('_', '')}Response", type=response_type,
-                response_headers={"Access-Control-Allow-Origin": f"'{origins[0] if origins else '*'}'"}
-                if len(origins) <= 1 else None,
+                response_headers={"Access-Control-Allow-Origin": f"'{gateway_origin}'"},
                 templates={"application/json": '{"error": {"code": "$context.error.responseType", '
                                                '"message": $context.error.messageString}}'},
             )

@@ -38,16 +38,26 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from shared.api import (
+    BINARY_MEDIA_TYPES,
+    CORS_ALLOW_HEADERS,
+    CORS_ALLOW_METHODS,
+    CORS_MAX_AGE_SECONDS,
+    STAGE_NAME,
+    cors_allow_origin,
+)
+from shared.api import KEY_REQUIRED as _KEY_REQUIRED
+from shared.api import ROUTES as _ROUTES
+
 from ..config import ROOT
-from ..names import BINARY_MEDIA_TYPES
 from .processes import LOOPBACK, ProcessGroup, stop, tail, wait_until
 
 LOG = logging.getLogger("cxr.twin.gateway")
 
-STAGE = "prod"
+STAGE = STAGE_NAME
 # (method, resource) pairs the REST API defines; POST /predict needs the API key.
-ROUTES = {("GET", "/"), ("GET", "/health"), ("POST", "/predict")}
-KEY_REQUIRED = {("POST", "/predict")}
+ROUTES = {(m, path) for path, methods in _ROUTES.items() for m in methods}
+KEY_REQUIRED = set(_KEY_REQUIRED)
 MAX_PAYLOAD = 10 * 1024 * 1024  # API Gateway's request payload limit
 INTEGRATION_TIMEOUT = 29.0
 ENV_START_TIMEOUT = 180.0
@@ -294,7 +304,8 @@ class _Handler(BaseHTTPRequestHandler):
             path = path[len(STAGE) + 1:] or "/"
         resource = path.rstrip("/") or "/"
         method = self.command
-        cors = [("Access-Control-Allow-Origin", gw.cors_origin)]
+        allow_origin = cors_allow_origin(self.headers.get("Origin"), gw.cors_origins)
+        cors = [("Access-Control-Allow-Origin", allow_origin)] if allow_origin else []
         try:
             body = self._read_body()
         except (ValueError, OSError):
@@ -306,9 +317,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         known = {r for _, r in ROUTES}
         if method == "OPTIONS" and resource in known:
-            self._send(204, [*cors, ("Access-Control-Allow-Methods", "GET,POST,OPTIONS"),
-                             ("Access-Control-Allow-Headers", "Content-Type,X-Api-Key"),
-                             ("Access-Control-Max-Age", "3600")], b"")
+            self._send(204, [*cors, ("Access-Control-Allow-Methods", ",".join(CORS_ALLOW_METHODS)),
+                             ("Access-Control-Allow-Headers", ",".join(CORS_ALLOW_HEADERS)),
+                             ("Access-Control-Max-Age", str(CORS_MAX_AGE_SECONDS))], b"")
             return
         route = ("GET" if method == "HEAD" else method, resource)
         if route not in ROUTES:
@@ -357,10 +368,10 @@ class LocalApiGateway:
     """The HTTP server on 127.0.0.1 and the pool of execution environments behind it."""
 
     def __init__(self, *, api_key: str, lambda_env: dict[str, str], processes: ProcessGroup, log_dir: Path,
-                 port: int = 0, concurrency: int = 4, cors_origin: str = "*") -> None:
+                 port: int = 0, concurrency: int = 4, cors_origins: list[str] | tuple[str, ...] = ("*",)) -> None:
         self.api_key = api_key
         self.port = port
-        self.cors_origin = cors_origin
+        self.cors_origins = list(cors_origins)
         self.binary_types = list(BINARY_MEDIA_TYPES)
         self.lambdas = LambdaPool(concurrency, lambda_env, processes, log_dir)
         self.log_dir = Path(log_dir)
@@ -414,10 +425,9 @@ class LocalApiGateway:
         elif is_binary(content_type, self.binary_types):
             text, encoded = base64.b64encode(body).decode("ascii"), True
         else:
-            try:
-                text, encoded = body.decode("utf-8"), False
-            except UnicodeDecodeError:  # not valid text: passed on intact rather than mangled
-                text, encoded = base64.b64encode(body).decode("ascii"), True
+            # Not a binary media type: API Gateway passes the body on as UTF-8 text, bytes that are
+            # not valid UTF-8 replaced, so an image sent under a type missing from the list arrives broken.
+            text, encoded = body.decode("utf-8", "replace"), False
         now = datetime.now(UTC)
         return {
             "resource": resource,
@@ -469,7 +479,8 @@ def _http_status(url: str, timeout: float = 5.0) -> int:
 
 
 def lambda_environment(*, s3_endpoint: str, control_endpoint: str, pointer_parameter: str, cache_dir: Path,
-                       ttl_seconds: int = 2, threads: int = 1, extra: dict[str, str] | None = None) -> dict[str, str]:
+                       ttl_seconds: int = 2, threads: int = 1, extra: dict[str, str] | None = None,
+                       cors_origins: list[str] | tuple[str, ...] = ("*",)) -> dict[str, str]:
     """The function's environment variables, as the stack sets them, pointed at the twin's servers."""
     from .servers import aws_env
 
@@ -484,6 +495,7 @@ def lambda_environment(*, s3_endpoint: str, control_endpoint: str, pointer_param
         "POWERTOOLS_SERVICE_NAME": os.environ.get("POWERTOOLS_SERVICE_NAME", "cxr-inference"),
         "POWERTOOLS_METRICS_NAMESPACE": os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "CxrPneumonia"),
         "POWERTOOLS_LOG_LEVEL": "INFO",
+        "CORS_ALLOW_ORIGINS": ",".join(cors_origins),
         "PYTHONPATH": str(ROOT),
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": str(threads),

@@ -151,12 +151,13 @@ class Twin:
         self.gateway = LocalApiGateway(
             api_key=self.api_key, processes=self.processes, log_dir=self.logs, port=self.o.port,
             concurrency=self.o.concurrency,
-            cors_origin=self.cfg.cors_allow_origins[0] if len(self.cfg.cors_allow_origins) == 1 else "*",
+            cors_origins=self.cfg.cors_allow_origins,
             lambda_env=lambda_environment(s3_endpoint=self.s3_server.endpoint,
                                           control_endpoint=self.control.endpoint,
                                           pointer_parameter=self.pointer_parameter,
                                           cache_dir=self.state_dir / "lambda-tmp",
                                           ttl_seconds=self.o.pointer_ttl_seconds,
+                                          cors_origins=self.cfg.cors_allow_origins,
                                           extra={"POWERTOOLS_SERVICE_NAME": self.cfg.service_name,
                                                  "POWERTOOLS_METRICS_NAMESPACE": self.cfg.metrics_namespace}),
         ).start()
