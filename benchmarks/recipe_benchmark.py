@@ -179,6 +179,9 @@ def main() -> int:
     ap.add_argument("--score-bundle", type=Path,
                     help="score this existing bundle (its training data must be the development part) instead of training")
     ap.add_argument("--keep-bundle", type=Path, help="also write the trained bundle as this model.tar.gz")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run of the same name from its checkpoints (wall time then counts "
+                         "only the resumed part)")
     ap.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: hyperparameters for the entrypoint")
     args = ap.parse_args()
     extra = [a for a in args.train_args if a != "--"]
@@ -199,7 +202,8 @@ def main() -> int:
         cmd = [sys.executable, "-m", "training_job.train", "--data", str(dev_root), "--model-dir", str(bundle),
                "--output-data-dir", str(work / "output"), "--checkpoint-dir", str(work / "checkpoints"),
                "--progress", "plain", *extra]
-        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+        if not args.resume:
+            shutil.rmtree(work / "checkpoints", ignore_errors=True)
         print("+", " ".join(cmd), flush=True)
         done = subprocess.run(cmd, cwd=ROOT)
         if done.returncode != 0:
