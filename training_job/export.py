@@ -18,7 +18,7 @@ from shared.evaluation import metrics_with_ci
 from shared.labels import CLASS_NAMES
 
 from . import engine as E
-from .metrics import choose_threshold, fit_temperature
+from .metrics import fit_temperature, threshold_for_policy
 from .models import Classifier, ExportWrapper
 from .report import write_json, write_report
 
@@ -126,7 +126,7 @@ def write_outputs(args, spec, model: Classifier, best_path: Path, val, info: dic
     y = val.labels.numpy()
     temperature = fit_temperature(logits, y) if args.calibrate else 1.0
     probs = E.softmax_positive(logits, temperature)
-    threshold = choose_threshold(y, probs, args.target_sensitivity)
+    threshold, policy = threshold_for_policy(args.threshold_policy, y, probs, args.target_sensitivity)
     vm = metrics_with_ci(y, probs, threshold)
     vm["temperature"] = temperature
     vm["best_epoch"] = best["epoch"]
@@ -161,8 +161,7 @@ def write_outputs(args, spec, model: Classifier, best_path: Path, val, info: dic
         "temperature": temperature, "device": device_name, "started_at": started, "finished_at": finished,
         "counts": info["counts"], "val_source": info["val_source"], "fingerprint": info["fingerprint"],
         "initial_weights": (info.get("initial_weights") or {}).get("name"), "select_metric": args.select_metric,
-        "threshold_policy": (f"the highest threshold with validation sensitivity >= {args.target_sensitivity}"
-                             if args.target_sensitivity else "maximising Youden's J on validation"),
+        "threshold_policy": policy,
     }
     write_report(work, metrics={"validation": vm, "history": history}, y_val=y, p_val=probs, history=history,
                  summary=summary)
