@@ -7,7 +7,9 @@ checks run before pixels are decoded, so a decompression bomb costs a header rea
 Supported: JPEG (EXIF orientation applied), PNG (1/8/16-bit; gray, gray+alpha, RGB, RGBA,
 palette) and DICOM (uncompressed, or any compressed transfer syntax that pydicom can decode with
 the installed handlers; MONOCHROME1 is inverted; rescale slope/intercept and the first VOI window
-are applied). No DICOM tag other than the ones describing pixels is ever read out of the file.
+are applied). No DICOM tag other than the ones describing pixels is ever read out of the file,
+except Modality, ViewPosition and BodyPartExamined, which ``shared.ood.check_dicom_header`` reads
+to refuse what is not a frontal chest X-ray before its pixels are decoded.
 """
 
 from __future__ import annotations
@@ -232,6 +234,9 @@ def _decode_dicom_dataset(data: bytes) -> DecodedImage:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptImageError(f"the DICOM file cannot be parsed ({type(exc).__name__})") from None
+    from .ood import check_dicom_header
+
+    check_dicom_header(ds)  # before any pixel work: a CT slice or a lateral view is refused here
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise UnsupportedDicomError("the DICOM file has no pixel data (is it a structured report or a worklist?)")
     try:
