@@ -58,8 +58,12 @@ def cam_weights(model: Classifier) -> dict[str, list]:
 
 def write_model_bundle(model: Classifier, spec, out_dir: str | Path, *, model_version: str, threshold: float,
                        temperature: float, architecture: str, validation_metrics: dict, provenance: dict,
-                       report_dir: str | Path | None = None, example_batch: int = 4) -> Path:
-    """Export ``model`` to ONNX, check parity, and write a complete bundle into ``out_dir``."""
+                       report_dir: str | Path | None = None, example_batch: int = 4,
+                       ood: tuple[dict, bytes] | None = None) -> Path:
+    """Export ``model`` to ONNX, check parity, and write a complete bundle into ``out_dir``.
+
+    ``ood`` is the out-of-distribution check from :func:`training_job.ood.fit_ood`; without it the
+    bundle serves with the check reported unavailable."""
     import tempfile
 
     from shared.bundle import FORMAT_VERSION, write_bundle
@@ -85,4 +89,4 @@ def write_model_bundle(model: Classifier, spec, out_dir: str | Path, *, model_ve
             "metrics": {"validation": validation_metrics},
             "provenance": provenance,
         }
-        return write_bundle(out_dir, onnx_path, meta, report_dir)
+        return write_bundle(out_dir, onnx_path, meta, report_dir, ood=ood)

@@ -48,6 +48,7 @@ from training_job import data as D
 from training_job.export import ExportError, write_model_bundle
 from training_job.metrics import choose_threshold, fit_temperature, metrics_at_threshold
 from training_job.models import ARCHITECTURES, build_model
+from training_job.ood import fit_ood
 from training_job.recipes import RECIPES
 from training_job.report import write_json, write_report
 
@@ -505,11 +506,11 @@ def run(args, dist_info: Dist) -> Path | None:
 
     if not dist_info.main:
         return None
-    return finish(args, spec, model, best_path, val, info, history, best, started, device, log)
+    return finish(args, spec, model, best_path, val, info, history, best, started, device, log, train)
 
 
 def finish(args, spec, model, best_path: Path, val: D.Split, info: dict, history: list, best: dict, started: str,
-           device, log: Log) -> Path:
+           device, log: Log, train: D.Split | None = None) -> Path:
     """Best checkpoint -> calibration and threshold on validation -> report -> bundle."""
     state = torch.load(best_path, map_location="cpu", weights_only=False)
     model = model.cpu().to(memory_format=torch.contiguous_format)
@@ -560,10 +561,14 @@ def finish(args, spec, model, best_path: Path, val: D.Split, info: dict, history
     }
     write_report(work, metrics={"validation": vm, "history": history}, y_val=y, p_val=probs, history=history,
                  summary=summary)
+    ood = None
+    if train is not None and min(len(train), len(val)) >= 20:  # the refusal check, fitted on these images
+        ood = fit_ood(model, train.pixels.numpy(), val.pixels.numpy(), spec, args.seed)
+        log(f"out-of-distribution check: distance cut-off {ood[0]['cutoff']:.1f}, upright cut-off {ood[0]['view_cutoff']:.4f}")
     try:
         write_model_bundle(model, spec, model_dir, model_version=version, threshold=threshold, temperature=temperature,
                            architecture=args.architecture, validation_metrics=vm, provenance=provenance,
-                           report_dir=work)
+                           report_dir=work, ood=ood)
     except ExportError as exc:
         raise TrainingError(f"export failed: {exc}") from None
     finally:
