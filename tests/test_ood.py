@@ -246,3 +246,30 @@ def test_generated_corpus_matches_the_committed_manifest():
             assert first[name]["kind"] == kind and first[name]["format"] == fmt
             if kind != "dicom_header":  # DICOM UIDs embed the pydicom version
                 assert first[name]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_training_fits_the_check_from_the_torch_model_into_the_bundle(tmp_path):
+    """The call training makes before writing the bundle: torch model in, a format-2 bundle out whose
+    ONNX predictor refuses a flat image and accepts the training images it was fitted on."""
+    import torch
+
+    from shared.preprocessing import PreprocessSpec, to_model_pixels
+    from training_job.export import write_model_bundle
+    from training_job.models import build_model
+    from training_job.ood import fit_ood
+
+    torch.manual_seed(0)
+    spec = PreprocessSpec(size=64, channels=1)
+    model = build_model("seed_cnn", in_channels=1, width=8).eval()
+    paths = sorted((DATA_224 / "train" / "PNEUMONIA").glob("*.jpeg"))[:90]
+    pixels = np.stack([to_model_pixels(decode_file(p, 64).image, spec) for p in paths])
+    ood = fit_ood(model, pixels[:60], pixels[60:], spec)
+    bundle = read_bundle(write_model_bundle(
+        model, spec, tmp_path / "b", model_version="t", threshold=0.5, temperature=1.0, architecture="seed_cnn",
+        validation_metrics={}, ood=ood,
+        provenance={"dataset": {}, "hyperparameters": {}, "code_version": "t", "started_at": "t",
+                    "finished_at": "t", "device": "cpu"}))
+    assert bundle.meta["format_version"] == 2 and bundle.meta["ood"]["fitted_on"]["training_images"] == 60
+    predictor = OnnxPredictor(bundle)
+    _, refused = predictor.score_pixels(np.concatenate([pixels[:10], np.full((1, 64, 64), 128, np.uint8)]))
+    assert sum(r is not None for r in refused[:10]) <= 1 and refused[10] is not None
