@@ -391,7 +391,7 @@ def run(args, dist_info: Dist) -> Path | None:
 
     if not dist_info.main:
         return None
-    return write_outputs(args, spec, model, best_path, val, info, history, best, started, device, log)
+    return write_outputs(args, spec, model, best_path, val, info, history, best, started, device, log, train)
 
 
 def _worker(local_rank: int, args, hosts: list[str], node_rank: int, per_host: int, port: int) -> None:
