@@ -81,7 +81,11 @@ def page() -> Response:
 @app.get("/health")
 def health() -> Response:
     model = store.get()
-    return _json(200, {"status": "ok", "model": model.public()})
+    fallback = store.fallback()
+    if fallback is None:
+        return _json(200, {"status": "ok", "model": model.public()})
+    # Still 200: a model answers. The fallback says which promoted model it stands in for.
+    return _json(200, {"status": "fallback", "model": model.public(), "fallback": fallback})
 
 
 @app.post("/predict")
