@@ -197,6 +197,9 @@ def test_training_step_is_a_sync_sagemaker_job(definition):
     p = train["Parameters"]
     cfg = load()
     assert p["TrainingJobName.$"] == "$.run.job_name"
+    [retry] = train["Retry"]  # CreateTrainingJob refused for capacity or quota: the same name, later
+    assert "SageMaker.ResourceLimitExceededException" in retry["ErrorEquals"] and "States.ALL" not in retry["ErrorEquals"]
+    assert retry["BackoffRate"] > 1 and retry["MaxAttempts"] >= 3 and retry["JitterStrategy"] == "FULL"
     assert p["InputDataConfig.$"] == "$.dataset.channels"
     assert p["EnableManagedSpotTraining"] is True
     stop = p["StoppingCondition"]
@@ -341,18 +344,18 @@ def test_training_source_is_reproducible(tmp_path):
 def test_alarms_page_the_topic(resources):
     alarms = of_type(resources, "AWS::CloudWatch::Alarm")
     topic = find_logical_id(resources, "AWS::SNS::Topic", "Notifications")
-    assert len(alarms) == 4
+    assert len(alarms) == 5
     for alarm in alarms.values():
         assert alarm["Properties"]["AlarmActions"] == [{"Ref": topic}]
     joined = " ".join(alarms)
-    for fragment in ("InferenceErrors", "Api5xx", "TrainingRunsFailed", "MarkersNotStarted"):
+    for fragment in ("InferenceErrors", "Api5xx", "TrainingRunsFailed", "MarkersNotStarted", "ModelFallback"):
         assert fragment in joined
     metrics = set()
     for alarm in alarms.values():
         props = alarm["Properties"]
         metrics.add(props.get("MetricName"))
         metrics.update(m.get("MetricStat", {}).get("Metric", {}).get("MetricName") for m in props.get("Metrics", []))
-    assert {"Errors", "5XXError", "ExecutionsFailed", "ApproximateNumberOfMessagesVisible"} <= metrics
+    assert {"Errors", "5XXError", "ExecutionsFailed", "ApproximateNumberOfMessagesVisible", "ModelFallback"} <= metrics
 
 
 def test_dashboard_covers_serving_and_training(resources):

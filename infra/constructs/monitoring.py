@@ -97,4 +97,11 @@ class Monitoring(Construct):
                                         "A training run failed, timed out or was aborted; its notification has the reason."),
             "MarkersNotStarted": alarm("MarkersNotStarted", undelivered, 1,
                                        "A _READY marker event could not start a run (see the starter's dead-letter queue)."),
+            # Emitted by the inference function each time the promoted archive fails to load and the
+            # previous model serves instead (inference_lambda/model_store.py).
+            "ModelFallback": alarm("ModelFallback", cw.Metric(
+                namespace=config.metrics_namespace, metric_name="ModelFallback",
+                dimensions_map={"service": config.service_name}, statistic="Sum", period=FIVE_MINUTES),
+                1, "The promoted model cannot be loaded; the previous model serves. Check the promoted archive "
+                   "(the function's logs say why) or roll back."),
         }
