@@ -79,6 +79,9 @@ METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"}
 MAX_PAYLOAD = 10 * 1024 * 1024  # API Gateway's request payload limit
 INTEGRATION_TIMEOUT = 29.0
 API_KEY_ID = "twinkey"
+# After refusing a request mid-stream, what is still read (and dropped) before the connection closes.
+LINGER_SECONDS = 2.0
+LINGER_MAX_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,8 @@ class _Protocol(H11Protocol):
         self._deadline_kind = ""
         self._head_bytes = 0
         self._line_seen = False
+        self._lingering = False
+        self._dropped = 0
 
     # deadlines ---------------------------------------------------------------------------------
 
@@ -181,7 +186,13 @@ class _Protocol(H11Protocol):
         if self.cycle is not None:
             self.cycle.disconnected = True  # the app's response, if any, is dropped
         self.transport.write(raw_error_response(status))
-        self.transport.close()
+        # Lingering close: stop answering but read (and drop) what the client is still sending for a
+        # moment, so it gets to read the answer instead of a reset.
+        self._lingering = True
+        self._disarm()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
         client = f"{self.client[0]}" if self.client else "-"
         self.access.info('%s - "-" %d %s\n', client, status, PROTOCOL_ERRORS[status][1])
 
@@ -198,6 +209,11 @@ class _Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            self._dropped += len(data)
+            if self._dropped > LINGER_MAX_BYTES:
+                self.transport.close()
+            return
         waiting_for_head = self.conn.their_state is h11.IDLE
         if waiting_for_head:
             if self._deadline_kind != "head":
@@ -298,9 +314,9 @@ class LocalApiGateway:
     # requests ----------------------------------------------------------------------------------
 
     async def _too_many_connections(self, scope: dict, receive: Any, send: Any) -> None:
-        await self._respond(send, 503, [("Retry-After", "1"), ("Connection", "close")],
-                            gateway_error("TOO_MANY_CONNECTIONS", "Service Unavailable"))
-        self._log(scope, "-", 503, 0, 0.0)
+        body = gateway_error("TOO_MANY_CONNECTIONS", "Service Unavailable")
+        self._log(scope, "-", 503, len(body), 0.0)
+        await self._respond(send, 503, [("Retry-After", "1"), ("Connection", "close")], body)
 
     async def asgi(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -316,8 +332,8 @@ class LocalApiGateway:
             return
         status, headers, body = answer
         headers = [*headers, ("x-amzn-RequestId", request_id)]
-        await self._respond(send, status, headers, body)
         self._log(scope, request_id, status, len(body), (time.perf_counter() - t0) * 1000.0)
+        await self._respond(send, status, headers, body)
 
     @staticmethod
     async def _respond(send: Any, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
