@@ -91,8 +91,12 @@ def page() -> Response:
 def health() -> Response:
     model = store.get()
     ood = model.predictor.ood
-    return _json(200, {"status": "ok", "model": model.public(),
-                       "ood_check": ood.public() if ood is not None else OOD_UNAVAILABLE})
+    check = ood.public() if ood is not None else OOD_UNAVAILABLE
+    fallback = store.fallback()
+    if fallback is None:
+        return _json(200, {"status": "ok", "model": model.public(), "ood_check": check})
+    # Still 200: a model answers. The fallback says which promoted model it stands in for.
+    return _json(200, {"status": "fallback", "model": model.public(), "fallback": fallback, "ood_check": check})
 
 
 @app.post("/predict")

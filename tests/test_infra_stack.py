@@ -198,6 +198,9 @@ def test_training_step_is_a_sync_sagemaker_job(definition):
     p = train["Parameters"]
     cfg = load()
     assert p["TrainingJobName.$"] == "$.run.job_name"
+    [retry] = train["Retry"]  # CreateTrainingJob refused for capacity or quota: the same name, later
+    assert "SageMaker.ResourceLimitExceededException" in retry["ErrorEquals"] and "States.ALL" not in retry["ErrorEquals"]
+    assert retry["BackoffRate"] > 1 and retry["MaxAttempts"] >= 3 and retry["JitterStrategy"] == "FULL"
     assert p["InputDataConfig.$"] == "$.dataset.channels"
     assert p["EnableManagedSpotTraining"] is True
     stop = p["StoppingCondition"]
@@ -361,7 +364,7 @@ def test_alarms_page_the_topic(resources):
         props = alarm["Properties"]
         metrics.add(props.get("MetricName"))
         metrics.update(m.get("MetricStat", {}).get("Metric", {}).get("MetricName") for m in props.get("Metrics", []))
-    assert {"Errors", "5XXError", "ExecutionsFailed", "ApproximateNumberOfMessagesVisible"} <= metrics
+    assert {"Errors", "5XXError", "ExecutionsFailed", "ApproximateNumberOfMessagesVisible", "ModelFallback"} <= metrics
 
 
 def test_dashboard_covers_serving_and_training(resources):

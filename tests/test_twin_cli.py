@@ -210,8 +210,9 @@ def test_a_tiny_load_test_has_no_errors(running, tmp_path):
                            "--api-key", running.key, "--levels", "1,4", "--requests", "16", "--max-seconds", "60",
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \|", out.read_text(), re.M)
-    assert [(c, n, e) for c, n, e in rows] == [("1", "16", "0"), ("4", "16", "0")], out.read_text()
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) % \| ([\d.]+) % \| (\d+) \|", out.read_text(), re.M)
+    # clients, requests, 200s, 429 share, 503 share, errors
+    assert rows == [("1", "16", "16", "0.0", "0.0", "0"), ("4", "16", "16", "0.0", "0.0", "0")], out.read_text()
 
 
 def test_ctrl_c_stops_every_process_it_started(running):

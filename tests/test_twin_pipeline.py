@@ -13,6 +13,7 @@ import pytest
 from test_twin_support import LOW_GATE, TINY_HP, subset
 
 from infra.functions.common import APPROVAL_TAG
+from infra.functions.starter import initial_state
 from infra.pipeline import PIPELINE
 from infra.twin.trigger import MarkerWatcher
 from infra.twin.twin import REFERENCE_REASON, Twin, TwinOptions
@@ -134,7 +135,7 @@ def test_a_model_below_the_gate_is_rejected_and_not_promoted(twin, tmp_path, ori
     twin.cfg = twin.cfg.with_overrides(gate_thresholds=strict)
     # A model that has barely moved from its random start.
     twin.o.hyperparameters = {**TINY_HP, "lr": "1e-7", "val-fraction": "0.4"}
-    data = subset(tmp_path / "gamma", 40, offset=100)
+    data = subset(tmp_path / "gamma", 40, offset=100, broken={"PNEUMONIA": 2})
     twin.upload(data, "gamma")
     report = twin.handle(twin.marker_event("gamma"))
     ex = report.execution
@@ -147,6 +148,13 @@ def test_a_model_below_the_gate_is_rejected_and_not_promoted(twin, tmp_path, ori
     tags = twin.s3.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]
     assert {"Key": APPROVAL_TAG, "Value": "Rejected"} in tags
     assert "rejected" in ex.state["notification"]["subject"]
+    # The unreadable files are in the run record and the notification, each with its reason.
+    assert gate["skipped_count"] == 2 and {s["file"] for s in gate["skipped"]} == {
+        "train/PNEUMONIA/broken-000.jpeg", "train/PNEUMONIA/broken-001.jpeg"}
+    record = twin.executions.get(ex.state["run"]["run_id"])
+    assert record["output"]["gate"]["skipped_count"] == 2
+    message = ex.state["notification"]["message"]
+    assert "Training skipped 2 unreadable files:" in message and "train/PNEUMONIA/broken-001.jpeg: " in message
     assert twin.pointer() == before
     assert predicted_version(twin, originals[0]) == before.model_version
 
@@ -162,3 +170,59 @@ def test_the_watcher_emits_one_event_per_marker_version(twin, tmp_path):
     assert [e["detail"]["object"]["key"] for e in events] == ["datasets/delta/_READY"]
     assert events[0]["detail"]["object"]["version-id"]  # the data bucket is versioned, as in the stack
     assert watcher.poll() == []
+    # Two marker versions written within a second: two events, two runs, as S3 and the starter make in the cloud.
+    marker = twin.s3.get_object(Bucket=twin.data_bucket, Key="datasets/delta/_READY")["Body"].read()
+    for _ in range(2):
+        twin.s3.put_object(Bucket=twin.data_bucket, Key="datasets/delta/_READY", Body=marker)
+    events = watcher.poll()
+    assert len(events) == 2 and len({e["detail"]["object"]["version-id"] for e in events}) == 2
+    runs = {initial_state(e, twin.context().settings)["run"]["run_id"] for e in events}
+    assert len(runs) == 2
+
+
+def _restart_api(twin: Twin) -> None:
+    """What starting the twin again does for serving: check the model, then cold-start the environments."""
+    twin.gateway.stop()
+    twin.ensure_model_in_service()
+    twin.start_api()
+
+
+def test_a_corrupt_promoted_archive_starts_and_serves_the_fallback(twin, tmp_path, originals):
+    import dataclasses
+
+    from shared.bundle import file_sha256
+
+    good = twin.pointer()
+    assert good.previous is not None and good.model_uri != twin.reference_uri  # a trained model, promoted
+    bucket, _, key = good.model_uri[5:].partition("/")
+    saved = tmp_path / "good.tar.gz"
+    twin.s3.download_file(bucket, key, str(saved))
+    junk = tmp_path / "junk.tar.gz"
+    junk.write_bytes(b"\x1f\x8b\x08 not a model " * 4000)
+    twin.s3.upload_file(str(junk), bucket, key)
+    ssm = twin.control.client("ssm")
+    try:
+        # Present, its checksum matching the pointer, but corrupt: the previous model serves.
+        corrupt = dataclasses.replace(good, sha256=file_sha256(junk))
+        ssm.put_parameter(Name=twin.pointer_parameter, Value=corrupt.to_json(), Type="String", Overwrite=True)
+        _restart_api(twin)
+        status, doc = twin.request("GET", "/health")
+        assert status == 200 and doc["status"] == "fallback", doc
+        assert doc["model"]["version"] == good.previous.model_version
+        assert doc["fallback"]["promoted_version"] == good.model_version
+        assert predicted_version(twin, originals[0]) == good.previous.model_version
+        assert "fallback" in twin.in_service() and good.model_version in twin.in_service()
+        assert twin.pointer() == corrupt  # still named first: the environments keep retrying it
+        # The previous one gone too: the shipped reference model becomes the fallback.
+        gone = dataclasses.replace(corrupt, previous=dataclasses.replace(good.previous, model_uri=(
+            f"s3://{twin.artifacts_bucket}/models/deleted/model.tar.gz")))
+        ssm.put_parameter(Name=twin.pointer_parameter, Value=gone.to_json(), Type="String", Overwrite=True)
+        _restart_api(twin)
+        status, doc = twin.request("GET", "/health")
+        assert status == 200 and doc["status"] == "fallback" and doc["model"]["version"] == "test-tiny-0001"
+        assert twin.pointer().previous.model_uri == twin.reference_uri
+        assert twin.pointer().model_uri == good.model_uri
+    finally:
+        twin.s3.upload_file(str(saved), bucket, key)
+        ssm.put_parameter(Name=twin.pointer_parameter, Value=good.to_json(), Type="String", Overwrite=True)
+    assert twin.wait_for_model(good.model_version, timeout=90)  # repaired: the environments' retry finds it

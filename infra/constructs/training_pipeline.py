@@ -59,6 +59,17 @@ _FUNCTION_SPECS: dict[str, dict[str, Any]] = {
 }
 
 
+# CreateTrainingJob refused for lack of capacity or quota (ResourceLimitExceeded: too many instances
+# of the type or jobs at once; SageMaker's API errors reach Step Functions as
+# AmazonSageMakerException). No job was created, so the same job name is tried again, with
+# exponential backoff and full jitter: 1, 2, 4, 8 minutes (capped at 15), then the run fails with the
+# reason. Capacity for a spot job that has started is SageMaker's own wait (maxWaitSeconds).
+TRAINING_CAPACITY_RETRY = {
+    "ErrorEquals": ["SageMaker.ResourceLimitExceededException", "SageMaker.AmazonSageMakerException"],
+    "IntervalSeconds": 60, "BackoffRate": 2.0, "MaxAttempts": 4, "MaxDelaySeconds": 900, "JitterStrategy": "FULL",
+}
+
+
 class TrainingPipeline(Construct):
     def __init__(self, scope: Construct, id: str, *, config: Config, storage: Storage, registry: ModelRegistry,
                  topic: sns.ITopic, pipeline: Pipeline = PIPELINE) -> None:
@@ -295,6 +306,7 @@ class TrainingPipeline(Construct):
             "Parameters": self.training_parameters(),
             "ResultSelector": {f"{k}.$": v for k, v in TRAINING_RESULT_FIELDS.items()},
             "ResultPath": f"$.{step.result_key}",
+            "Retry": [TRAINING_CAPACITY_RETRY],
         })
         state.add_catch(on_failure, errors=["States.ALL"], result_path="$.error")
         return state

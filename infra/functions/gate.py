@@ -155,7 +155,21 @@ def run(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         "model_version": bundle.version,
         "trained_at": bundle.trained_at,
         "metrics_uri": f"s3://{bucket}/{quality_key}",
+        **skipped_files(bundle),
     }
+
+
+SKIPPED_LISTED = 50  # the run's state stays far below Step Functions' 256 KB payload limit
+
+
+def skipped_files(bundle: Bundle) -> dict[str, Any]:
+    """The images training skipped as unreadable (``provenance.dataset.skipped``), for the run record
+    and the notification: ``skipped`` (the first :data:`SKIPPED_LISTED`, each ``{"file", "reason"}``)
+    and ``skipped_count``."""
+    skipped = ((bundle.meta.get("provenance") or {}).get("dataset") or {}).get("skipped") or []
+    return {"skipped": [{"file": str(s.get("file")), "reason": str(s.get("reason"))[:200]}
+                        for s in skipped[:SKIPPED_LISTED] if isinstance(s, dict)],
+            "skipped_count": len(skipped)}
 
 
 handler = lambda_handler(run)

@@ -33,6 +33,22 @@ def failed_during(state: dict[str, Any]) -> str:
     return "notifying"
 
 
+SKIPPED_SHOWN = 20
+
+
+def skipped_lines(gate: dict[str, Any]) -> list[str]:
+    """The files training skipped as unreadable, with the reason, as the gate step recorded them."""
+    count = int(gate.get("skipped_count") or 0)
+    if not count:
+        return []
+    shown = gate.get("skipped") or []
+    lines = [f"Training skipped {count} unreadable file{'s' if count != 1 else ''}:"]
+    lines += [f"  {s['file']}: {s['reason']}" for s in shown[:SKIPPED_SHOWN]]
+    if count > min(len(shown), SKIPPED_SHOWN):
+        lines.append(f"  ... and {count - min(len(shown), SKIPPED_SHOWN)} more (the training log lists them all)")
+    return lines
+
+
 def compose(state: dict[str, Any], serving: str | None) -> tuple[str, str]:
     run = state.get("run", {})
     dataset, run_id = run.get("dataset", "?"), run.get("run_id", "?")
@@ -65,6 +81,7 @@ def compose(state: dict[str, Any], serving: str | None) -> tuple[str, str]:
             lines.append("The model in service is unchanged. " + serving_line)
     if state.get("registration", {}).get("model_package_arn"):
         lines.append(f"Model package: {state['registration']['model_package_arn']}")
+    lines += skipped_lines(gate)
     # SNS subjects: printable ASCII on one line.
     subject = "".join(c if 32 <= ord(c) < 127 else "?" for c in subject)
     return subject[:_SUBJECT_LIMIT], "\n".join(lines) + "\n"
