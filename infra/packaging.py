@@ -120,9 +120,11 @@ def functions_context_members(root: Path = ROOT) -> list[tuple[str, bytes]]:
 
 
 def base_requirements(root: Path = ROOT) -> str:
-    """What ``shared/`` needs (the project's base dependencies, pinned in pyproject.toml)."""
+    """What ``shared/`` and the pipeline functions need: the project's base dependencies and the
+    ``evaluate`` extra (ONNX Runtime, SciPy, scikit-learn), pinned in pyproject.toml."""
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
-    return "\n".join(project.get("dependencies", [])) + "\n"
+    specs = list(project.get("dependencies", [])) + list(project.get("optional-dependencies", {}).get("evaluate", []))
+    return "\n".join(specs) + "\n"
 
 
 def stage_functions_context(out_dir: Path = STAGING_DIR, root: Path = ROOT) -> Path:

@@ -30,6 +30,7 @@ class CxrPneumoniaStack(Stack):
                                          registry=self.registry, topic=self.notifications.topic)
         self.serving = Serving(self, "Serving", config=config, storage=self.storage, registry=self.registry,
                                source_root=source_root)
+        self.training.set_serving_image(self.serving.image_uri)
         self.monitoring = Monitoring(self, "Monitoring", config=config, api=self.serving.api,
                                      function=self.serving.function, state_machine=self.training.state_machine,
                                      dead_letters=self.training.dead_letters, topic=self.notifications.topic)

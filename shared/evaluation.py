@@ -4,8 +4,9 @@ One definition for every place that judges a model: the recipe benchmark, the ev
 the pipeline's Evaluate step and the model card. The positive class is PNEUMONIA (index 1); a case
 is called positive when its probability is at or above the threshold.
 
-Needs scikit-learn and SciPy (the ``train`` and ``evaluate`` extras); the inference Lambda never
-imports this module.
+Needs scikit-learn and SciPy (the ``train`` and ``evaluate`` extras), imported where they are
+used: the metric names alone (:data:`METRIC_NAMES`, read by ``infra.config`` at synth time) need
+neither. The inference Lambda never imports this module.
 
 Confidence intervals are percentile bootstrap intervals (Efron & Tibshirani 1993, ch. 13) from
 ``scipy.stats.bootstrap`` with images resampled as (label, probability) pairs, a fixed seed and
@@ -19,8 +20,6 @@ import math
 from typing import Any
 
 import numpy as np
-from scipy.stats import bootstrap
-from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 CI_LEVEL = 0.95
 N_BOOTSTRAP = 2000
@@ -42,6 +41,8 @@ def sensitivity_at_specificity(y_true: np.ndarray, p_pos: np.ndarray, specificit
     ``y_true``: N ints in {0, 1}; ``p_pos``: N probabilities of the positive class. Returns a value
     in [0, 1], or NaN when only one class is present.
     """
+    from sklearn.metrics import roc_curve
+
     y = np.asarray(y_true).astype(int)
     if len(set(y.tolist())) < 2:
         return float("nan")
@@ -57,6 +58,8 @@ def metrics_at_threshold(y_true: np.ndarray, p_pos: np.ndarray, threshold: float
     ``y_true``: N ints in {0, 1} (1 = PNEUMONIA); ``p_pos``: N floats in [0, 1]; ``threshold`` in
     [0, 1]. Ratios with an empty denominator (and AUC with one class) are NaN.
     """
+    from sklearn.metrics import confusion_matrix, roc_auc_score
+
     y = np.asarray(y_true).astype(int)
     p = np.asarray(p_pos, dtype=np.float64)
     pred = (p >= threshold).astype(int)
@@ -129,6 +132,8 @@ def confidence_interval(y_true: np.ndarray, p_pos: np.ndarray, metric: str, thre
                         n_resamples: int = N_BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
     """95 % percentile bootstrap interval of one of :data:`CI_METRICS` over N (label, probability)
     pairs; ``(nan, nan)`` when fewer than two images or one class only."""
+    from scipy.stats import bootstrap
+
     y = np.asarray(y_true).astype(int)
     p = np.asarray(p_pos, dtype=np.float64)
     if len(y) < 2 or len(set(y.tolist())) < 2:
@@ -191,7 +196,7 @@ def paired_comparison(y_true: np.ndarray, p_candidate: np.ndarray, p_in_service:
     Raises ``ValueError`` for an unknown ``metric`` or arrays of different lengths. With fewer than
     two images or one class only, the interval and p-value are NaN.
     """
-    from scipy.stats import binomtest, permutation_test
+    from scipy.stats import binomtest, bootstrap, permutation_test
 
     if metric not in PAIRED_METRICS:
         raise ValueError(f"metric {metric!r} is not one of {', '.join(PAIRED_METRICS)}")

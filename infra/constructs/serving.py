@@ -73,6 +73,8 @@ class Serving(Construct):
             },
         )
         self.function, self.function_role = fn.function, fn.role
+        # The image the registry's model packages name in their inference specification.
+        self.image_uri = fn.function.node.default_child.code.image_uri
         for statement in (
             iam.PolicyStatement(sid="ReadModels", actions=["s3:GetObject"],
                                 resources=[storage.artifacts_bucket.arn_for_objects(f"{MODELS_PREFIX}*")]),

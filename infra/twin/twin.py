@@ -239,7 +239,8 @@ class Twin:
             gate = {**gate, "require_improvement": False}
         settings = Settings(data_bucket=self.data_bucket, artifacts_bucket=self.artifacts_bucket,
                             pointer_parameter=self.pointer_parameter, topic_arn=self.topic_arn,
-                            model_package_group=self.package_group, state_machine_arn="", gate=gate)
+                            model_package_group=self.package_group, state_machine_arn="", gate=gate,
+                            evaluation_dataset=self.cfg.evaluation_dataset_uri)
         return StepContext(settings, Clients(s3=self.s3, ssm=self.control.client("ssm"),
                                              sns=self.control.client("sns"),
                                              sagemaker=self.control.client("sagemaker")))
