@@ -227,8 +227,9 @@ def test_batch_over_a_prefix_with_a_corrupt_file(twin, capsys):
     import csv
     import io
 
-    from infra import batch_predict
     from test_twin_support import DATA_224
+
+    from infra import batch_predict
 
     images = sorted((DATA_224 / "test" / "NORMAL").iterdir())[:3] + sorted((DATA_224 / "test" / "PNEUMONIA").iterdir())[:3]
     for path in images:

@@ -7,9 +7,11 @@ turns each new ``_READY`` marker into one run of :data:`infra.pipeline.PIPELINE`
 the inference Lambda's handler behind a local API Gateway.
 
 The shipped reference model stands in for the cloud's "no model promoted yet": it is uploaded and
-pointed to when nothing else is, so the API answers from the start, and a trained model replaces
-it once it clears the gate's thresholds (it need not beat the reference, as a fresh stack's first
-model need not beat anything).
+pointed to when nothing else is, so the API answers from the start. When the dataset has a test/
+split, the Evaluate step scores a trained model and the reference on it and the gate keeps the
+reference unless the new model is non-inferior on the same images; without one, a trained model
+replaces the reference once it clears the thresholds on its own validation split (the two
+models' validation figures come from different splits and are not compared).
 """
 
 from __future__ import annotations
