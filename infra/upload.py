@@ -3,7 +3,8 @@
     python -m infra.upload --data ../shared/data/chest_xray_224 --bucket my-data-bucket --name pneumonia-v1
     python -m infra.upload --data ./chest_xray --bucket b --name kaggle --endpoint-url http://127.0.0.1:8333
 
-Images go to ``s3://BUCKET/datasets/NAME/{train,val}/{NORMAL,PNEUMONIA}/...`` in parallel, with a
+Images go to ``s3://BUCKET/datasets/NAME/{train,val,test}/{NORMAL,PNEUMONIA}/...`` (``test/`` is the
+evaluation set, which training never reads) in parallel, with a
 progress bar. It is resumable: an object already there with the same size and checksum is skipped.
 The checksum is the MD5 that S3 reports as the ETag of a single-part upload where the bucket's
 encryption keeps it so (SSE-S3, S3-compatible servers); under SSE-KMS the ETag is not an MD5, so
@@ -75,7 +76,7 @@ def upload_dataset(data: Path, bucket: str, name: str, s3, workers: int = 8, ret
     layout = scan_directory(data)
     layout.check()
     for k, n in layout.ignored_classes.items():
-        log(f"ignoring {k} ({n} files): not a NORMAL/PNEUMONIA class folder or a train/val split")
+        log(f"ignoring {k} ({n} files): not a NORMAL/PNEUMONIA class folder or a train/val/test split")
     prefix = f"{DATASETS_PREFIX}{name}/"
     marker_key = prefix + MARKER_NAME
     there = existing_objects(s3, bucket, prefix)

@@ -7,9 +7,11 @@ turns each new ``_READY`` marker into one run of :data:`infra.pipeline.PIPELINE`
 the inference Lambda's handler behind a local API Gateway.
 
 The shipped reference model stands in for the cloud's "no model promoted yet": it is uploaded and
-pointed to when nothing else is, so the API answers from the start, and a trained model replaces
-it once it clears the gate's thresholds (it need not beat the reference, as a fresh stack's first
-model need not beat anything).
+pointed to when nothing else is, so the API answers from the start. When the dataset has a test/
+split, the Evaluate step scores a trained model and the reference on it and the gate keeps the
+reference unless the new model is non-inferior on the same images; without one, a trained model
+replaces the reference once it clears the thresholds on its own validation split (the two
+models' validation figures come from different splits and are not compared).
 """
 
 from __future__ import annotations
@@ -247,7 +249,8 @@ class Twin:
             gate = {**gate, "require_improvement": False}
         settings = Settings(data_bucket=self.data_bucket, artifacts_bucket=self.artifacts_bucket,
                             pointer_parameter=self.pointer_parameter, topic_arn=self.topic_arn,
-                            model_package_group=self.package_group, state_machine_arn="", gate=gate)
+                            model_package_group=self.package_group, state_machine_arn="", gate=gate,
+                            evaluation_dataset=self.cfg.evaluation_dataset_uri)
         return StepContext(settings, Clients(s3=self.s3, ssm=self.control.client("ssm"),
                                              sns=self.control.client("sns"),
                                              sagemaker=self.control.client("sagemaker")))
