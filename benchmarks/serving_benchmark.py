@@ -202,7 +202,8 @@ def build_artifacts(work: Path, bundle_arg: str | None) -> tuple[Path, Path, dic
         spec = bundle.preprocessing
         arch = bundle.meta.get("architecture", "resnet18")
         hp = bundle.meta.get("provenance", {}).get("hyperparameters", {})
-        model = build_model(arch, in_channels=spec.channels, width=int(hp.get("width", 0) or 0)).eval()
+        model = build_model(arch, in_channels=spec.channels, width=int(hp.get("width", 0) or 0),
+                            image_size=spec.size).eval()
         info = {"bundle": bundle_arg, "torch_weights": "random (same architecture)"}
     else:
         spec = PreprocessSpec(size=224, channels=1)

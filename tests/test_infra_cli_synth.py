@@ -48,7 +48,8 @@ def test_cdk_synth_succeeds_offline(tmp_path):
     template = json.loads((out / "CxrPneumonia.template.json").read_text())
     assert "AwsSolutions-" not in proc.stderr and "HIPAA.Security-" not in proc.stderr
     # The training job runs the training image asset, isolated from the network.
-    [machine] = [r for r in template["Resources"].values() if r["Type"] == "AWS::StepFunctions::StateMachine"]
+    machines = {k: r for k, r in template["Resources"].items() if r["Type"] == "AWS::StepFunctions::StateMachine"}
+    [machine] = [r for k, r in machines.items() if "Training" in k]  # beside it: the batch inference machine
     definition = json.dumps(machine["Properties"]["DefinitionString"])
     assert '\\"EnableNetworkIsolation\\":true' in definition
     assets = json.loads((out / "CxrPneumonia.assets.json").read_text())

@@ -76,7 +76,7 @@ def test_recipe_sets_defaults_and_flags_override():
     assert (gpu.architecture, gpu.pretrained, gpu.image_size, gpu.epochs) == ("efficientnet_lite0", True, 224, 3)
     cpu = parse_args(["--train", str(DATA_224 / "train")])
     assert (cpu.recipe, cpu.architecture, cpu.pretrained, cpu.image_size) == ("cpu", "efficientnet_lite0", True, 160)
-    assert cpu.threshold_policy == "balanced"
+    assert cpu.threshold_policy == "sensitivity" and cpu.target_sensitivity == 0.95
     quick = parse_args(["--train", str(DATA_224 / "train"), "--recipe", "quick"])
     assert (quick.architecture, quick.pretrained, quick.image_size, quick.limit_per_class) == ("resnet10", False, 128, 400)
     assert quick.threshold_policy == "sensitivity" and quick.target_sensitivity == 0.95

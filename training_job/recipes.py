@@ -24,7 +24,8 @@ RECIPES: dict[str, dict[str, object]] = {
         "epochs": 8,
         "lr": 1e-3,
         "dropout": 0.2,
-        "threshold_policy": "balanced",
+        "threshold_policy": "sensitivity",
+        "target_sensitivity": 0.95,
     },
     "gpu": {
         "architecture": "efficientnet_lite0",
@@ -36,7 +37,8 @@ RECIPES: dict[str, dict[str, object]] = {
         "dropout": 0.2,
         "augment": "strong",
         "ema_decay": 0.999,
-        "threshold_policy": "balanced",
+        "threshold_policy": "sensitivity",
+        "target_sensitivity": 0.95,
         "workers": 8,
     },
     "quick": {
