@@ -46,7 +46,7 @@ from shared.evaluation import format_with_ci, metrics_at_threshold, metrics_with
 from shared.labels import CLASS_NAMES  # noqa: E402
 from training_job.data import group_ids, grouped_split  # noqa: E402
 from training_job.evaluate import evaluate  # noqa: E402
-from training_job.metrics import choose_threshold  # noqa: E402
+from training_job.metrics import threshold_for_policy  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 HOLDOUT_SEED = 2018
@@ -55,10 +55,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 # Threshold policies compared on the dev half: name -> function of (validation labels, validation
 # probabilities) giving a threshold. Each uses validation data only, as a training run must.
 POLICIES = {
-    "youden (plateau median)": lambda y, p: choose_threshold(y, p, 0.0),
-    "validation sensitivity 0.95": lambda y, p: choose_threshold(y, p, 0.95),
-    "validation sensitivity 0.98": lambda y, p: choose_threshold(y, p, 0.98),
-    "calibrated 0.5": lambda y, p: 0.5,
+    "youden (plateau median)": lambda y, p: threshold_for_policy("youden", y, p)[0],
+    "validation sensitivity 0.95": lambda y, p: threshold_for_policy("sensitivity", y, p, 0.95)[0],
+    "validation sensitivity 0.98": lambda y, p: threshold_for_policy("sensitivity", y, p, 0.98)[0],
+    "balanced: calibrated 0.5": lambda y, p: threshold_for_policy("balanced", y, p)[0],
 }
 
 

@@ -6,7 +6,12 @@ Routes
     ``POST /predict``  raw ``image/jpeg`` / ``image/png`` / ``application/dicom`` body, JSON
                        ``{"image_base64": ...}``, or a multipart form field ``file``;
                        ``?explain=1`` adds ``heatmap_png_base64``.
-    ``GET /health``    the model in service.
+    ``GET /health``    the model in service and the out-of-distribution check's cut-offs.
+
+``POST /predict`` answers 422 ``not_a_chest_xray`` (no label, probability or heatmap) for an input
+that is not a frontal chest X-ray: DICOM header rules first, then the bundle's pixel check
+(``shared/ood.py``); an accepted answer carries ``ood_score``/``ood_cutoff`` and
+``view_probability``/``view_cutoff``.
     ``GET /``          the upload page.
 
 The model is loaded during the init phase when ``MODEL_URI`` is set (``MODEL_LOAD_AT_INIT``,
@@ -34,6 +39,8 @@ from aws_lambda_powertools.metrics import MetricUnit, single_metric
 
 from shared.api import CORS_ALLOW_HEADERS, CORS_MAX_AGE_SECONDS, ROUTES
 from shared.imaging import ImageError, decode_image
+from shared.ood import CODE as NOT_A_CHEST_XRAY
+from shared.ood import UNAVAILABLE as OOD_UNAVAILABLE
 from shared.predictor import class_activation_map
 from shared.preprocessing import decode_min_side
 
@@ -83,7 +90,13 @@ def page() -> Response:
 @app.get("/health")
 def health() -> Response:
     model = store.get()
-    return _json(200, {"status": "ok", "model": model.public()})
+    ood = model.predictor.ood
+    check = ood.public() if ood is not None else OOD_UNAVAILABLE
+    fallback = store.fallback()
+    if fallback is None:
+        return _json(200, {"status": "ok", "model": model.public(), "ood_check": check})
+    # Still 200: a model answers. The fallback says which promoted model it stands in for.
+    return _json(200, {"status": "fallback", "model": model.public(), "fallback": fallback, "ood_check": check})
 
 
 @app.post("/predict")
@@ -102,6 +115,8 @@ def predict() -> Response:
     decoded = decode_image(payload.data, payload.declared_format, decode_min_side(model.bundle.preprocessing))
 
     t0 = time.perf_counter()
+    # Raises NotAChestXray (422 not_a_chest_xray, no label or probability) for an image the bundle's
+    # out-of-distribution check refuses.
     prediction = model.predictor.predict(decoded, with_features=explain)
     inference_ms = (time.perf_counter() - t0) * 1000.0
     bundle = model.bundle
@@ -112,6 +127,8 @@ def predict() -> Response:
         "threshold": prediction.threshold,
         "model": {"version": bundle.version, "trained_at": bundle.trained_at},
     }
+    if prediction.verdict is not None:  # how typical the image was: ood_score <= ood_cutoff, view_probability >= view_cutoff
+        body.update(prediction.verdict.public())
     heatmap_ms = 0.0
     if explain:
         t1 = time.perf_counter()
@@ -135,6 +152,7 @@ def predict() -> Response:
     logger.info("prediction", extra={
         "label": prediction.label, "probability": round(prediction.probability, 6),
         "threshold": prediction.threshold, "model_version": bundle.version,
+        "ood_score": round(prediction.verdict.score, 3) if prediction.verdict else None,
         "input": {"kind": payload.kind, "format": decoded.format, "bytes": len(payload.data),
                   "width": decoded.width, "height": decoded.height},
         "explain": explain, "latency_ms": round(latency_ms, 2), "inference_ms": round(inference_ms, 2),
@@ -182,6 +200,8 @@ def _rejected(status: int, code: str, message: str, headers: dict[str, str] | No
     level("request rejected", extra={"status": status, "code": code, "reason": message})
     metrics.add_metric(name="ModelUnavailable" if status == 503 else "RejectedRequests",
                        unit=MetricUnit.Count, value=1)
+    if code == NOT_A_CHEST_XRAY:
+        metrics.add_metric(name="RejectedNotChestXray", unit=MetricUnit.Count, value=1)
     return _error(status, code, message, headers)
 
 

@@ -42,6 +42,8 @@ class Settings:
     threads: int = 0
     # After a failed load, requests get 503 for this long before the next attempt (also Retry-After).
     retry_seconds: int = 10
+    # While a fallback model serves, the promoted one is tried again at most this often.
+    fallback_retry_seconds: int = 60
     # Loading during the init phase keeps the download and session creation off the first request.
     load_at_init: bool = True
     # Origins allowed to call the API from a browser; ("*",) allows any (shared.api.cors_allow_origin).
@@ -55,6 +57,7 @@ class Settings:
             cache_dir=Path(os.environ.get("MODEL_CACHE_DIR", "/tmp/cxr-model")),
             threads=_int_env("MODEL_THREADS", 0),
             retry_seconds=_int_env("MODEL_RETRY_SECONDS", 10),
+            fallback_retry_seconds=_int_env("MODEL_FALLBACK_RETRY_SECONDS", 60),
             load_at_init=_bool_env("MODEL_LOAD_AT_INIT", True),
             cors_allow_origins=tuple(parse_origins(os.environ.get("CORS_ALLOW_ORIGINS")
                                                    or os.environ.get("CORS_ALLOW_ORIGIN"))),

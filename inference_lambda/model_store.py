@@ -7,8 +7,14 @@
 - ``ssm:<parameter name>``: the promoted-model pointer (:mod:`shared.pointer`). The archive it names
   is downloaded, its SHA-256 checked against the pointer's, and unpacked. The pointer is read again
   at most every ``MODEL_POINTER_TTL_SECONDS``; when it names another archive, that model is loaded
-  and swapped in, so promotion needs no redeploy. If the new model cannot be loaded, the model in
-  service stays and the failed pointer is not tried again until it changes.
+  and swapped in, so promotion needs no redeploy.
+
+The last good model: when the promoted archive cannot be loaded (missing, corrupt, checksum
+mismatch), an environment serves the pointer's ``previous`` model (at a cold start) or keeps the
+model it already serves (on a promotion), says so in ``/health`` (``fallback``), emits the
+``ModelFallback`` metric, and tries the promoted archive again at most every
+``MODEL_FALLBACK_RETRY_SECONDS`` (60) until it loads or the pointer changes. Only when no model
+loads at all is the answer 503.
 
 The ONNX Runtime session is created when the model loads, once per cold start (and once per swap).
 """
@@ -26,12 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from aws_lambda_powertools import Logger
+from aws_lambda_powertools.metrics import MetricUnit, single_metric
 
 from shared.bundle import ARCHIVE_NAME, Bundle, file_sha256, read_bundle, unpack
 from shared.pointer import ModelPointer, PointerError
 from shared.predictor import OnnxPredictor
 
-from .config import SERVICE_NAME, Settings
+from .config import METRICS_NAMESPACE, SERVICE_NAME, Settings
 from .errors import ModelUnavailable
 
 log = Logger(service=SERVICE_NAME, child=True)
@@ -55,6 +62,9 @@ class LoadedModel:
     loaded_at: str
     load_seconds: float
     pointer: ModelPointer | None = None
+    # Set while this model serves because the promoted one (this pointer) cannot be loaded.
+    fallback_for: ModelPointer | None = None
+    fallback_since: str | None = None
 
     @property
     def source_kind(self) -> str:
@@ -77,6 +87,7 @@ class LoadedModel:
             "sha256": self.sha256,
             "loaded_at": self.loaded_at,
             "promoted_at": self.pointer.promoted_at if self.pointer else None,
+            "fallback": self.fallback_for is not None,
         }
 
     def describe(self) -> dict[str, Any]:
@@ -108,7 +119,9 @@ class ModelStore:
         self._lock = threading.Lock()
         self._model: LoadedModel | None = None
         self._failure: tuple[float, str] | None = None  # (when, message) of the last failed cold load
-        self._rejected_pointer: tuple[str, str] | None = None  # (uri, sha256) that failed to load
+        # (uri, sha256) of a promoted archive that failed to load, and when it was last tried.
+        self._rejected_pointer: tuple[str, str] | None = None
+        self._rejected_at = 0.0
         self._owned_dirs: dict[str, Path] = {}  # cache folders this store created, by sha256/uri
 
     # -- public --------------------------------------------------------------------------------
@@ -121,6 +134,17 @@ class ModelStore:
     def last_error(self) -> str | None:
         """Why the last cold load failed (for logs and tests; clients get a generic 503)."""
         return self._failure[1] if self._failure else None
+
+    def fallback(self) -> dict[str, Any] | None:
+        """For ``GET /health``: the promoted model that cannot be loaded, while another one serves."""
+        model = self._model
+        if model is None or model.fallback_for is None:
+            return None
+        p = model.fallback_for
+        wait = self.settings.fallback_retry_seconds - (self._clock() - self._rejected_at)
+        return {"promoted_version": p.model_version, "promoted_at": p.promoted_at, "since": model.fallback_since,
+                "reason": "the promoted model cannot be loaded; the function's logs say why",
+                "next_retry_seconds": max(0, int(wait + 0.999))}
 
     def get(self) -> LoadedModel:
         """The model to answer with; raises :class:`ModelUnavailable` (503) when there is none."""
@@ -154,7 +178,7 @@ class ModelStore:
                 raise ModelSourceError("MODEL_URI is not set: the function has no model to serve")
             if self._is_pointer:
                 pointer = self._read_pointer(force=True)
-                self._model = self._load_pointer(pointer)
+                self._model = self._load_promoted_or_previous(pointer)
             else:
                 self._model = self._load_location(uri, expected_sha256=None)
         except Exception as exc:  # ONNX Runtime's load errors derive from Exception only
@@ -166,6 +190,35 @@ class ModelStore:
         log.info("model loaded", extra={"model": self._model.describe(), "load_seconds": self._model.load_seconds})
         return self._model
 
+    def _load_promoted_or_previous(self, pointer: ModelPointer) -> LoadedModel:
+        """The promoted model; if it cannot be loaded, the pointer's previous one as a fallback."""
+        try:
+            model = self._load_pointer(pointer)
+        except Exception as exc:  # noqa: BLE001 - any load failure leads to the fallback
+            if pointer.previous is None:
+                raise
+            try:
+                model = self._load_pointer(pointer.previous)
+            except Exception as prev_exc:
+                raise ModelSourceError(f"the promoted model cannot be loaded ({exc}), nor the previous one "
+                                       f"({prev_exc})") from None
+            model = replace(model, fallback_for=pointer, fallback_since=_now())
+            self._promoted_failed(pointer, exc, serving=model)
+            log.warning("serving the previous model", extra={"model": model.describe(),
+                                                             "promoted_version": pointer.model_version})
+            return model
+        self._rejected_pointer = None
+        return model
+
+    def _promoted_failed(self, pointer: ModelPointer, exc: Exception, serving: LoadedModel | None) -> None:
+        self._rejected_pointer = (pointer.model_uri, pointer.sha256)
+        self._rejected_at = self._clock()
+        log.error("promoted model failed to load", extra={
+            "model_uri": pointer.model_uri, "model_version": pointer.model_version, "reason": str(exc),
+            "serving_version": serving.bundle.version if serving else None,
+            "retry_seconds": self.settings.fallback_retry_seconds})
+        _emit_fallback()
+
     def _maybe_swap(self) -> None:
         current = self._model
         assert current is not None
@@ -175,24 +228,28 @@ class ModelStore:
             log.warning("model pointer unreadable; keeping the model in service", extra={"reason": str(exc)})
             return
         key = (pointer.model_uri, pointer.sha256)
-        if current.pointer is not None and (current.pointer.model_uri, current.pointer.sha256) == key:
+        if current.pointer is not None and current.fallback_for is None and (
+                current.pointer.model_uri, current.pointer.sha256) == key:
             return
-        if key == self._rejected_pointer:
+        if key == self._rejected_pointer and self._clock() - self._rejected_at < self.settings.fallback_retry_seconds:
             return
         if pointer.sha256 == current.sha256:  # the same archive, promoted again or copied elsewhere
-            self._model = replace(current, pointer=pointer, location=pointer.model_uri)
+            self._model = replace(current, pointer=pointer, location=pointer.model_uri, fallback_for=None,
+                                  fallback_since=None)
+            self._rejected_pointer = None
             return
         try:
             new = self._load_pointer(pointer)
         except Exception as exc:  # whatever went wrong, the model in service keeps answering
-            self._rejected_pointer = key
-            log.error("promoted model failed to load; keeping the model in service",
-                      extra={"model_uri": pointer.model_uri, "reason": str(exc),
-                             "serving_version": current.bundle.version})
+            self._promoted_failed(pointer, exc, serving=current)
+            if current.fallback_for is None or (current.fallback_for.model_uri,
+                                                current.fallback_for.sha256) != key:
+                self._model = replace(current, fallback_for=pointer, fallback_since=_now())
             return
         self._model = new
         self._rejected_pointer = None
-        log.info("model swapped", extra={"previous_version": current.bundle.version, "model": new.describe()})
+        log.info("model swapped", extra={"previous_version": current.bundle.version, "model": new.describe(),
+                                         "after_fallback": current.fallback_for is not None})
         self._forget(current)
 
     def _read_pointer(self, force: bool) -> ModelPointer:
@@ -283,6 +340,13 @@ class ModelStore:
             folder = self._owned_dirs.pop(key, None) if key else None
             if folder is not None and folder.is_relative_to(self.settings.cache_dir):
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def _emit_fallback() -> None:
+    """One ``ModelFallback`` data point (EMF, flushed now): the promoted model failed to load here."""
+    with single_metric(name="ModelFallback", unit=MetricUnit.Count, value=1, namespace=METRICS_NAMESPACE,
+                       default_dimensions={"service": SERVICE_NAME}):
+        pass
 
 
 def _check_sha(where: str, actual: str, expected: str | None) -> None:

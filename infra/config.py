@@ -18,6 +18,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from shared.evaluation import METRIC_NAMES, PAIRED_METRICS
+
 from .functions.common import (  # noqa: F401 (re-exported)
     CHECKPOINTS_PREFIX,
     DATASETS_PREFIX,
@@ -76,9 +78,11 @@ class Config:
     max_wait_seconds: int = 14400
     hyperparameters: dict[str, str] = field(default_factory=dict)
     gate_thresholds: dict[str, float] = field(default_factory=dict)
-    gate_require_improvement: bool = True
+    gate_require_improvement: bool = False
     gate_compare_metric: str = "roc_auc"
     gate_min_improvement: float = 0.0
+    gate_non_inferiority_margin: float = 0.01
+    evaluation_dataset_uri: str = ""
     inference_memory_mb: int = 2048
     inference_timeout_seconds: int = 29
     inference_reserved_concurrency: int = 0
@@ -149,8 +153,21 @@ class Config:
         if self.api_throttle_burst_limit < 1 or self.api_throttle_rate_limit <= 0 or self.api_quota_limit < 1:
             problems.append("API throttling rate, burst and quota must be positive")
         for name, value in self.gate_thresholds.items():
-            if not 0.0 <= float(value) <= 1.0:
+            if name not in METRIC_NAMES:
+                problems.append(f"gateThresholds.{name} is not a metric the Evaluate step reports "
+                                f"({', '.join(METRIC_NAMES)})")
+            elif not 0.0 <= float(value) <= 1.0:
                 problems.append(f"gateThresholds.{name} must be between 0 and 1")
+        if self.gate_compare_metric not in PAIRED_METRICS:
+            problems.append(f"gateCompareMetric {self.gate_compare_metric!r} is not one the paired comparison "
+                            f"supports ({', '.join(PAIRED_METRICS)})")
+        if not 0.0 <= self.gate_non_inferiority_margin < 1.0:
+            problems.append("gateNonInferiorityMargin must be at least 0 and below 1")
+        if not -1.0 < self.gate_min_improvement < 1.0:
+            problems.append("gateMinImprovement must be between -1 and 1")
+        if self.evaluation_dataset_uri and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?",
+                                                              self.evaluation_dataset_uri):
+            problems.append(f"evaluationDatasetUri {self.evaluation_dataset_uri!r} is not an s3://bucket/prefix/ URI")
         for key, value in self.hyperparameters.items():
             if key.startswith("sagemaker_"):
                 problems.append(f"hyperparameters.{key}: sagemaker_* names are set by the pipeline")
@@ -227,6 +244,7 @@ class Config:
             "require_improvement": self.gate_require_improvement,
             "compare_metric": self.gate_compare_metric,
             "min_improvement": float(self.gate_min_improvement),
+            "non_inferiority_margin": float(self.gate_non_inferiority_margin),
         }
 
 

@@ -100,8 +100,9 @@ def functions_context_members(root: Path = ROOT) -> list[tuple[str, bytes]]:
 
 
 def base_requirements(root: Path = ROOT) -> str:
-    """What ``shared/`` needs (the project's base dependencies, pinned in pyproject.toml)."""
-    return "\n".join(project_requirements(root=root)) + "\n"
+    """What ``shared/`` and the pipeline functions need: the project's base dependencies and the
+    ``evaluate`` extra (ONNX Runtime, SciPy, scikit-learn), pinned in pyproject.toml."""
+    return "\n".join(project_requirements("evaluate", root=root)) + "\n"
 
 
 def stage_functions_context(out_dir: Path = STAGING_DIR, root: Path = ROOT) -> Path:

@@ -9,7 +9,8 @@ A run carries one JSON *state document*. It starts as ``{"run": {...}}`` (see
 Step kinds:
 
 - ``lambda``: ``step.fn(state, ctx) -> dict``, a plain function from :mod:`infra.functions`. The
-  cloud wraps it in a Lambda (``step.function`` names the module) invoked with the whole state.
+  cloud wraps it in a Lambda (``step.function`` names the module) invoked with the whole state,
+  sized by the step's ``memory_mb``, ``timeout_s`` and ``ephemeral_mb``.
 - ``training``: SageMaker CreateTrainingJob (``.sync``) in the cloud. Its result has the shape of
   :data:`TRAINING_RESULT_FIELDS`; a local runner produces the same keys from its own training run.
 - ``choice``: ``step.fn(state) -> bool``; the cloud tests ``step.json_path`` for ``true``. When
@@ -44,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .functions import gate, notify, promote, register, validate_dataset
+from .functions import evaluate, gate, notify, promote, register, validate_dataset
 from .functions.common import StepContext, error_output
 
 StepKind = Literal["lambda", "training", "choice"]
@@ -62,6 +63,9 @@ TRAINING_RESULT_FIELDS = {
 
 @dataclass(frozen=True)
 class Step:
+    """One state. A lambda step carries what its function needs to be deployed, so adding a step
+    is this list plus the function's permissions (``infra.constructs.training_pipeline``)."""
+
     name: str
     kind: StepKind
     fn: Callable[..., Any] | None = None
@@ -70,6 +74,10 @@ class Step:
     json_path: str | None = None  # choice: the boolean Step Functions tests
     otherwise: str | None = None  # choice: the step to end with when false
     description: str = ""
+    doing: str = ""  # what the run was doing while in this step, for the failure notification
+    memory_mb: int = 256  # lambda: MB (Lambda: 128 to 10,240; vCPUs grow with memory, 6 at 10,240)
+    timeout_s: int = 60  # lambda: seconds (at most 900)
+    ephemeral_mb: int | None = None  # lambda: /tmp in MB (512 to 10,240), None for Lambda's 512
 
 
 def is_approved(state: dict[str, Any]) -> bool:
@@ -90,30 +98,52 @@ class Pipeline:
 
     def lambda_modules(self) -> list[str]:
         """The distinct function modules the workflow invokes, in first-use order."""
-        seen: list[str] = []
+        return list(self.functions())
+
+    def functions(self) -> dict[str, Step]:
+        """Function module -> the first step that invokes it (its memory, timeout and description)."""
+        seen: dict[str, Step] = {}
         for s in (*self.steps, *self.branches.values(), self.on_failure):
             if s is not None and s.kind == "lambda" and s.function not in seen:
-                seen.append(s.function)
+                seen[s.function] = s
         return seen
 
+    def result_order(self) -> list[tuple[str, str]]:
+        """(result key, what the run was doing) in the order the main line fills the state."""
+        return [(s.result_key, s.doing or s.name) for s in self.steps if s.result_key and s.kind != "choice"]
+
+
+# The function EventBridge invokes for each marker; it starts the workflow and is not one of its steps.
+STARTER = Step("StartRun", "lambda", None, None, "starter", memory_mb=256, timeout_s=30,
+               description="starts one workflow run per _READY marker version")
 
 PIPELINE = Pipeline(
     steps=(
         Step("ValidateDataset", "lambda", validate_dataset.run, "dataset", "validate_dataset",
-             description="layout and _READY manifest checks (shared.dataset)"),
+             description="checks a dataset against its _READY manifest (shared.dataset)",
+             doing="validating the dataset", memory_mb=1024, timeout_s=300),
         Step("TrainModel", "training", None, "training",
-             description="SageMaker training job: PyTorch container, spot, checkpoints"),
+             description="SageMaker training job: PyTorch container, spot, checkpoints", doing="training"),
+        # 10,240 MB gives the function 6 vCPUs; benchmarks/evaluate_benchmark.py measures what that scores.
+        Step("EvaluateModel", "lambda", evaluate.run, "evaluation", "evaluate",
+             description="scores the candidate and the model in service on the same evaluation set",
+             doing="evaluating the model", memory_mb=10240, timeout_s=900, ephemeral_mb=4096),
         Step("QualityGate", "lambda", gate.run, "gate", "gate",
-             description="validation metrics from bundle.json against thresholds and the model in service"),
+             description="evaluation figures against thresholds and the model in service",
+             doing="the quality gate", memory_mb=256, timeout_s=60),
         Step("RegisterModel", "lambda", register.run, "registration", "register",
-             description="model package, Approved or Rejected, with its metrics"),
+             description="model package, Approved or Rejected, with its metrics and inference specification",
+             doing="registering the model", memory_mb=256, timeout_s=60),
         Step("IsApproved", "choice", is_approved, json_path="$.gate.approved", otherwise="NotifyRejected"),
         Step("PromoteModel", "lambda", promote.run, "promotion", "promote",
-             description="rewrite the model pointer serving reads"),
-        Step("NotifyPromoted", "lambda", notify.run, "notification", "notify"),
+             description="points serving at the approved model", doing="promoting the model"),
+        Step("NotifyPromoted", "lambda", notify.run, "notification", "notify",
+             description="reports how a run ended", doing="notifying"),
     ),
-    branches={"NotifyRejected": Step("NotifyRejected", "lambda", notify.run, "notification", "notify")},
-    on_failure=Step("NotifyFailure", "lambda", notify.run, "notification", "notify"),
+    branches={"NotifyRejected": Step("NotifyRejected", "lambda", notify.run, "notification", "notify",
+                                     description="reports how a run ended", doing="notifying")},
+    on_failure=Step("NotifyFailure", "lambda", notify.run, "notification", "notify",
+                    description="reports how a run ended", doing="notifying"),
 )
 
 STEPS = PIPELINE.steps

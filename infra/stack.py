@@ -9,6 +9,7 @@ from aws_cdk import Stack, Tags
 from constructs import Construct
 
 from .config import ROOT, Config
+from .constructs.batch import BatchInference
 from .constructs.monitoring import Monitoring
 from .constructs.notifications import Notifications
 from .constructs.operations import PROJECT_TAG, Operations
@@ -31,6 +32,8 @@ class CxrPneumoniaStack(Stack):
                                          registry=self.registry, topic=self.notifications.topic)
         self.serving = Serving(self, "Serving", config=config, storage=self.storage, registry=self.registry,
                                source_root=source_root)
+        self.training.set_serving_image(self.serving.image_uri)
+        self.batch = BatchInference(self, "BatchInference", config=config, storage=self.storage)
         self.monitoring = Monitoring(self, "Monitoring", config=config, api=self.serving.api,
                                      function=self.serving.function, state_machine=self.training.state_machine,
                                      dead_letters=self.training.dead_letters, topic=self.notifications.topic)

@@ -3,7 +3,8 @@
     python -m infra.upload --data ../shared/data/chest_xray_224 --bucket my-data-bucket --name pneumonia-v1
     python -m infra.upload --data ./chest_xray --bucket b --name kaggle --endpoint-url http://127.0.0.1:8333
 
-Images go to ``s3://BUCKET/datasets/NAME/{train,val}/{NORMAL,PNEUMONIA}/...`` in parallel, with a
+Images go to ``s3://BUCKET/datasets/NAME/{train,val,test}/{NORMAL,PNEUMONIA}/...`` (``test/`` is the
+evaluation set, which training never reads) in parallel, with a
 progress bar. It is resumable: an object already there with the same size and checksum is skipped.
 The checksum is the MD5 that S3 reports as the ETag of a single-part upload where the bucket's
 encryption keeps it so (SSE-S3, S3-compatible servers); under SSE-KMS the ETag is not an MD5, so
@@ -87,7 +88,7 @@ def upload_dataset(data: Path, bucket: str, name: str, s3, workers: int = 8, ret
     layout = scan_directory(data)
     layout.check()
     for k, n in layout.ignored_classes.items():
-        log(f"ignoring {k} ({n} files): not a NORMAL/PNEUMONIA class folder or a train/val split")
+        log(f"ignoring {k} ({n} files): not a NORMAL/PNEUMONIA class folder or a train/val/test split")
     too_small = training_size_problem(layout.counts())
     if too_small:
         log(f"warning: this dataset is too small to train and validate on: {too_small}")
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m infra.upload", description=__doc__.split("\n\n")[0],
                                  formatter_class=HelpFormatter)
     ap.add_argument("--data", type=Path, required=True,
-                    help="dataset root: train/NORMAL, train/PNEUMONIA and optionally val/ (Kaggle chest_xray layout)")
+                    help="dataset root: train/NORMAL, train/PNEUMONIA, optionally val/ and test/ (Kaggle chest_xray layout)")
     ap.add_argument("--bucket", required=True, help="the stack's data bucket (its DataBucketName output)")
     ap.add_argument("--name", required=True, help="dataset name: the images go to s3://BUCKET/datasets/NAME/")
     ap.add_argument("--endpoint-url", help="an S3-compatible endpoint such as the local twin's (default: AWS S3)")

@@ -4,12 +4,18 @@ A bundle is a folder, shipped as ``model.tar.gz`` with its files at the archive 
 
     model.onnx     inputs: "image" (N x C x H x W float32);
                    outputs: "logits" (N x classes), "features" (N x K x h x w, the last feature map)
-    bundle.json    this module's schema, ``format_version`` 1
+    bundle.json    this module's schema, ``format_version`` 2 (1 is still read)
+    ood.npz        the out-of-distribution check's arrays (``shared/ood.py``), named in bundle.json's
+                   ``ood`` section; format 2 only, and optional there
     report/        metrics.json, roc.png, confusion_matrix.png, learning_curves.png, MODEL_CARD.md
 
 ``bundle.json`` carries everything serving needs besides the network: class names in index
 order, the preprocessing spec, the decision threshold and the softmax temperature chosen on
-validation, and the classifier weights that turn the feature map into a class activation map.
+validation, the classifier weights that turn the feature map into a class activation map, and
+(format 2) the cut-offs of the out-of-distribution check fitted on the training images.
+
+Format history: 1 had no ``ood`` section; 2 adds it. A format-1 bundle loads and serves, with the
+pixel check reported as unavailable.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ import numpy as np
 from .labels import POSITIVE_CLASS
 from .preprocessing import PreprocessSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 BUNDLE_JSON = "bundle.json"
 MODEL_FILE = "model.onnx"
 REPORT_DIR = "report"
@@ -38,6 +45,8 @@ ARCHIVE_NAME = "model.tar.gz"
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logits", "features")
 
+OOD_FILE = "ood.npz"
+_OOD_KEYS = ("file", "sha256", "cutoff", "view_cutoff")
 _MAX_ARCHIVE_MEMBERS = 64
 _MAX_UNPACKED_BYTES = 512 * 1024 * 1024
 
@@ -87,6 +96,15 @@ class Bundle:
     def validation_metrics(self) -> dict[str, Any]:
         return dict(self.meta.get("metrics", {}).get("validation", {}))
 
+    def ood_check(self):
+        """The out-of-distribution check (:class:`shared.ood.OodCheck`), or None for a bundle without one."""
+        from .ood import OodCheck
+
+        section = self.meta.get("ood")
+        if not section:
+            return None
+        return OodCheck(section, OodCheck.load_arrays((self.root / section["file"]).read_bytes()))
+
     def cam_weights(self) -> tuple[np.ndarray, np.ndarray]:
         cam = self.meta["cam"]
         return np.asarray(cam["weights"], dtype=np.float32), np.asarray(cam["bias"], dtype=np.float32)
@@ -110,8 +128,9 @@ def validate_meta(meta: Any) -> None:
     if not isinstance(meta, dict):
         raise BundleError("bundle.json must hold a JSON object")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(f"bundle format_version {version!r} is not supported (this code reads {FORMAT_VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise BundleError(f"bundle format_version {version!r} is not supported (this code reads "
+                          f"{', '.join(map(str, READABLE_VERSIONS))})")
     names = meta.get("class_names")
     if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) and n for n in names)
             and len(set(names)) == len(names)):
@@ -142,6 +161,16 @@ def validate_meta(meta: Any) -> None:
     metrics = meta.get("metrics")
     if not isinstance(metrics, dict) or not isinstance(metrics.get("validation"), dict):
         problems.append("metrics.validation must be an object")
+    ood = meta.get("ood")
+    if ood is not None:
+        if version < 2:
+            problems.append("an ood section needs format_version 2")
+        elif not isinstance(ood, dict) or not all(k in ood for k in _OOD_KEYS):
+            problems.append(f"ood must hold {', '.join(_OOD_KEYS)}")
+        elif not all(isinstance(ood[k], (int, float)) and math.isfinite(ood[k]) for k in ("cutoff", "view_cutoff")):
+            problems.append("ood cut-offs must be finite numbers")
+        elif ood["file"] != OOD_FILE:
+            problems.append(f"ood.file must be {OOD_FILE!r}")
     prov = meta.get("provenance")
     if not isinstance(prov, dict):
         problems.append("provenance must be an object")
@@ -154,25 +183,36 @@ def validate_meta(meta: Any) -> None:
 
 
 def write_bundle(out_dir: str | os.PathLike, onnx_file: str | os.PathLike, meta: dict[str, Any],
-                 report_dir: str | os.PathLike | None = None) -> Path:
+                 report_dir: str | os.PathLike | None = None, ood: tuple[dict, bytes] | None = None) -> Path:
     """Validate ``meta`` and write a complete bundle into ``out_dir``.
+
+    ``ood`` is the out-of-distribution check as (section without ``file``/``sha256``, ``ood.npz``
+    bytes), from ``training_job.ood``; it becomes ``meta["ood"]`` and the bundle's ``ood.npz``.
 
     Files are assembled in a temporary sibling folder and moved into place last, so a failure
     never leaves a folder that looks like a valid bundle.
     """
+    meta = dict(meta)
+    if ood is not None:
+        section, blob = ood
+        meta["ood"] = {**section, "file": OOD_FILE, "sha256": hashlib.sha256(blob).hexdigest()}
     validate_meta(meta)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out))
     try:
         shutil.copyfile(onnx_file, staging / MODEL_FILE)
+        if ood is not None:
+            (staging / OOD_FILE).write_bytes(ood[1])
         if report_dir is not None:
             shutil.copytree(report_dir, staging / REPORT_DIR)
-        meta = dict(meta)
         meta["onnx_sha256"] = file_sha256(staging / MODEL_FILE)
         (staging / BUNDLE_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         # bundle.json goes in last: its presence marks a finished bundle.
-        for name in (MODEL_FILE, REPORT_DIR):
+        stale = out / OOD_FILE
+        if stale.exists() and not (staging / OOD_FILE).exists():
+            stale.unlink()
+        for name in (MODEL_FILE, OOD_FILE, REPORT_DIR):
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -234,6 +274,12 @@ def read_bundle(path: str | os.PathLike, unpack_to: str | os.PathLike | None = N
     expected = meta.get("onnx_sha256")
     if expected and file_sha256(onnx) != expected:
         raise BundleError(f"{MODEL_FILE} does not match the checksum recorded in {BUNDLE_JSON}")
+    if meta.get("ood"):
+        ood_path = p / OOD_FILE
+        if not ood_path.is_file():
+            raise BundleError(f"bundle at {p} names {OOD_FILE} in {BUNDLE_JSON} but has no such file")
+        if file_sha256(ood_path) != meta["ood"]["sha256"]:
+            raise BundleError(f"{OOD_FILE} does not match the checksum recorded in {BUNDLE_JSON}")
     return Bundle(p, meta)
 
 

@@ -20,7 +20,9 @@ Supported:
 - TIFF is not accepted (415): radiographs leave a PACS as DICOM, and TIFF's variants (tiles,
   planar configuration, floating point) would each need their own rule.
 
-No DICOM tag other than the ones describing pixels is ever read out of the file.
+No DICOM tag other than the ones describing pixels is ever read out of the file, except Modality,
+ViewPosition and BodyPartExamined, which ``shared.ood.check_dicom_header`` reads to refuse what is
+not a frontal chest X-ray before its pixels are decoded.
 """
 
 from __future__ import annotations
@@ -398,6 +400,9 @@ def _decode_dicom_dataset(data: bytes) -> DecodedImage:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError):
         raise CorruptImageError("the DICOM file cannot be parsed: it is truncated or not DICOM") from None
+    from .ood import check_dicom_header
+
+    check_dicom_header(ds)  # before any pixel work: a CT slice or a lateral view is refused here
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise UnsupportedDicomError("the DICOM file has no pixel data (is it a structured report or a worklist?)")
     try:

@@ -201,3 +201,97 @@ def test_bad_promotion_keeps_the_model_in_service(monkeypatch, inference_app, aw
     assert version_served(inference_app, jpeg) == "test-tiny-0001"
     promote(aws, "models/v2/model.tar.gz", file_sha256(second_archive))  # fixed promotion
     assert version_served(inference_app, jpeg) == "test-tiny-0002"
+
+
+# -- the last good model ----------------------------------------------------------------------------
+
+
+def promote_over(aws, key: str, sha256: str, version: str, previous: tuple[str, str, str]) -> None:
+    """A pointer naming ``key`` whose ``previous`` is (key, sha256, version), as promotion writes it."""
+    prev = ModelPointer(model_uri=f"s3://{BUCKET}/{previous[0]}", sha256=previous[1], model_version=previous[2],
+                        promoted_at="2026-11-25T10:00:00Z", reason="test")
+    new = ModelPointer(model_uri=f"s3://{BUCKET}/{key}", sha256=sha256, model_version=version,
+                       promoted_at="2026-11-26T10:00:00Z", reason="test")
+    aws["ssm"].put_parameter(Name=PARAM, Value=prev.succeeded_by(new).to_json(), Type="String", Overwrite=True)
+
+
+def fallback_points(text: str) -> int:
+    """How many ``ModelFallback`` EMF data points the function printed."""
+    points = 0
+    for line in text.splitlines():
+        if line.startswith("{") and '"ModelFallback"' in line:
+            doc = json.loads(line)
+            assert doc["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Name"] == "ModelFallback"
+            points += int(doc["ModelFallback"] if not isinstance(doc["ModelFallback"], list) else
+                          sum(doc["ModelFallback"]))
+    return points
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "checksum"])
+def test_a_cold_start_after_a_bad_promotion_serves_the_previous_model(
+        monkeypatch, inference_app, aws, tiny_bundle_archive, second_archive, tmp_path, jpeg, capsys, damage):
+    v1 = ("models/v1/model.tar.gz", file_sha256(tiny_bundle_archive), "test-tiny-0001")
+    good_sha = file_sha256(second_archive)
+    if damage == "missing":
+        aws["s3"].delete_object(Bucket=BUCKET, Key="models/v2/model.tar.gz")
+        sha = good_sha
+    elif damage == "corrupt":  # present, its checksum matches the pointer, but it is no bundle
+        junk = tmp_path / "junk.tar.gz"
+        junk.write_bytes(b"\x1f\x8b not really gzip" * 100)
+        aws["s3"].upload_file(str(junk), BUCKET, "models/v2/model.tar.gz")
+        sha = file_sha256(junk)
+    else:
+        sha = "e" * 64
+    promote_over(aws, "models/v2/model.tar.gz", sha, "test-tiny-0002", previous=v1)
+    now = [1000.0]
+    store = configure(monkeypatch, inference_app, f"ssm:{PARAM}", tmp_path / "cache", pointer_ttl_seconds=0,
+                      fallback_retry_seconds=60)
+    monkeypatch.setattr(store, "_clock", lambda: now[0])
+    capsys.readouterr()
+    assert version_served(inference_app, jpeg) == "test-tiny-0001"  # a new environment, not a 503
+    health = call(inference_app, api_event("GET", "/health"))
+    doc = health.json()
+    assert health.status == 200 and doc["status"] == "fallback" and doc["model"]["fallback"] is True
+    assert doc["model"]["version"] == "test-tiny-0001"
+    assert doc["fallback"]["promoted_version"] == "test-tiny-0002" and doc["fallback"]["next_retry_seconds"] == 60
+    assert BUCKET not in health.text and "models/v2" not in health.text
+    assert fallback_points(capsys.readouterr().out) == 1
+    # Within the retry interval the promoted archive is not fetched again.
+    counting = CountingS3()
+    monkeypatch.setattr(store, "_s3", counting)
+    now[0] += 30
+    assert version_served(inference_app, jpeg) == "test-tiny-0001" and counting.downloads == []
+    # Still broken when retried: one more attempt, one more data point, still serving.
+    now[0] += 31
+    assert version_served(inference_app, jpeg) == "test-tiny-0001"
+    assert counting.downloads == ["models/v2/model.tar.gz"]
+    assert fallback_points(capsys.readouterr().out) == 1
+    # Repaired (the archive the pointer names is uploaded again): the next retry serves it.
+    aws["s3"].upload_file(str(second_archive), BUCKET, "models/v2/model.tar.gz")
+    promote_over(aws, "models/v2/model.tar.gz", good_sha, "test-tiny-0002", previous=v1)
+    now[0] += 61
+    assert version_served(inference_app, jpeg) == "test-tiny-0002"
+    doc = call(inference_app, api_event("GET", "/health")).json()
+    assert doc["status"] == "ok" and doc["model"]["fallback"] is False and "fallback" not in doc
+
+
+def test_no_model_at_all_is_503(monkeypatch, inference_app, aws, second_archive, tmp_path, jpeg):
+    promote_over(aws, "models/v2/model.tar.gz", "e" * 64, "test-tiny-0002",
+                 previous=("models/v1/model.tar.gz", "d" * 64, "test-tiny-0001"))
+    store = configure(monkeypatch, inference_app, f"ssm:{PARAM}", tmp_path / "cache")
+    reply = call(inference_app, api_event(body=jpeg, content_type="image/jpeg"))
+    assert reply.status == 503 and reply.error_code == "model_unavailable"
+    assert "nor the previous one" in store.last_error
+
+
+def test_a_bad_promotion_while_serving_is_reported_as_a_fallback(
+        monkeypatch, inference_app, aws, tiny_bundle_archive, tmp_path, jpeg, capsys):
+    v1 = ("models/v1/model.tar.gz", file_sha256(tiny_bundle_archive), "test-tiny-0001")
+    promote(aws, *v1)
+    store = configure(monkeypatch, inference_app, f"ssm:{PARAM}", tmp_path / "cache", pointer_ttl_seconds=0)
+    assert version_served(inference_app, jpeg) == "test-tiny-0001"
+    capsys.readouterr()
+    promote_over(aws, "models/v2/model.tar.gz", "e" * 64, "test-tiny-0002", previous=v1)
+    assert version_served(inference_app, jpeg) == "test-tiny-0001"
+    assert store.fallback()["promoted_version"] == "test-tiny-0002"
+    assert fallback_points(capsys.readouterr().out) == 1

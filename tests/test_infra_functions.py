@@ -13,10 +13,11 @@ import moto  # noqa: E402,F401
 import pytest
 
 from infra.config import load  # noqa: E402
-from infra.functions import gate, notify, register, starter, validate_dataset  # noqa: E402
+from infra.functions import evaluate, gate, notify, register, starter, validate_dataset  # noqa: E402
 from infra.functions.common import (  # noqa: E402
     APPROVAL_TAG,
     UNPROMOTED,
+    BundleRejected,
     Clients,
     DatasetInvalid,
     Settings,
@@ -237,11 +238,15 @@ def run_pipeline(ctx, name: str, archive: Path):
 
 
 def test_step_list_order_and_kinds():
-    assert [s.name for s in STEPS] == ["ValidateDataset", "TrainModel", "QualityGate", "RegisterModel", "IsApproved",
-                                       "PromoteModel", "NotifyPromoted"]
-    assert [s.kind for s in STEPS] == ["lambda", "training", "lambda", "lambda", "choice", "lambda", "lambda"]
+    assert [s.name for s in STEPS] == ["ValidateDataset", "TrainModel", "EvaluateModel", "QualityGate", "RegisterModel",
+                                       "IsApproved", "PromoteModel", "NotifyPromoted"]
+    assert [s.kind for s in STEPS] == ["lambda", "training", "lambda", "lambda", "lambda", "choice", "lambda", "lambda"]
     assert all(callable(s.fn) for s in STEPS if s.kind != "training")
-    assert PIPELINE.lambda_modules() == ["validate_dataset", "gate", "register", "promote", "notify"]
+    assert PIPELINE.lambda_modules() == ["validate_dataset", "evaluate", "gate", "register", "promote", "notify"]
+    # A failed run names the step it was in, in the list's order.
+    assert [k for k, _ in PIPELINE.result_order()] == ["dataset", "training", "evaluation", "gate", "registration",
+                                                      "promotion", "notification"]
+    assert notify.failed_during({"dataset": {}, "training": {}}) == "evaluating the model"
 
 
 def test_first_good_model_is_registered_approved_and_promoted(aws, bundle_factory):
@@ -289,11 +294,19 @@ def test_model_that_beats_the_one_in_service_is_promoted(aws, bundle_factory):
     assert better.state["promotion"]["previous_model_version"] == "m-good"
 
 
-def test_model_that_clears_thresholds_but_does_not_beat_the_one_in_service_is_rejected(aws, bundle_factory):
+def test_without_an_evaluation_set_the_gate_falls_back_to_validation_and_says_so(aws, bundle_factory):
+    aws.settings.gate = dict(aws.settings.gate, require_improvement=True)
     run_pipeline(aws, "first", bundle_factory("m-good", GOOD))
     worse = run_pipeline(aws, "worse", bundle_factory("m-worse", dict(GOOD, roc_auc=0.95)))
-    assert worse.status == "SUCCEEDED" and not worse.state["gate"]["approved"]
-    assert worse.state["gate"]["reasons"] == ["roc_auc 0.9500 does not beat the model in service (m-good: 0.9700)"]
+    gate_out = worse.state["gate"]
+    assert worse.status == "SUCCEEDED" and not gate_out["approved"]
+    assert gate_out["reasons"] == ["roc_auc 0.9500 does not beat the model in service (m-good: 0.9700)"]
+    assert not gate_out["evaluated"] and gate_out["judged_on"].startswith("its own validation split only")
+    assert "Judged on its own validation split only" in worse.state["notification"]["message"]
+    assert "Validation metrics:" in worse.state["notification"]["message"]
+    package = aws.clients.sagemaker.describe_model_package(ModelPackageName=worse.state["registration"]["model_package_arn"])
+    assert "judged on its own validation split only" in package["ModelPackageDescription"]
+    assert package["CustomerMetadataProperties"]["judged_on"].startswith("its own validation split only")
     assert pointer(aws).model_version == "m-good"
 
 
@@ -336,12 +349,12 @@ def test_failure_reason_reads_sagemaker_and_lambda_errors():
     assert failure_reason({"Error": "States.Timeout", "Cause": ""}) == "States.Timeout"
 
 
-def test_gate_rejects_an_archive_that_is_not_a_bundle(aws):
+def test_evaluation_rejects_an_archive_that_is_not_a_bundle(aws):
     aws.clients.s3.put_object(Bucket=ARTIFACTS, Key="models/j/output/model.tar.gz", Body=b"not a tarball")
     state = {"run": {"dataset": "d", "job_name": "j"},
              "training": {"job_name": "j", "model_uri": f"s3://{ARTIFACTS}/models/j/output/model.tar.gz"}}
-    with pytest.raises(gate.BundleRejected, match="not a valid bundle"):
-        gate.run(state, aws)
+    with pytest.raises(BundleRejected, match="not a valid bundle"):
+        evaluate.run(state, aws)
 
 
 def test_register_metadata_fits_the_registry_alphabet():

@@ -158,10 +158,14 @@ def test_rule_matches_only_dataset_markers(resources):
 # ---------------------------------------------------------------- state machine
 
 
+def machine_definition(resources, path_fragment: str) -> dict:
+    logical = find_logical_id(resources, "AWS::StepFunctions::StateMachine", path_fragment)
+    return json.loads(flatten(resources[logical]["Properties"]["DefinitionString"]))
+
+
 @pytest.fixture(scope="session")
 def definition(resources) -> dict:
-    [machine] = of_type(resources, "AWS::StepFunctions::StateMachine").values()
-    return json.loads(flatten(machine["Properties"]["DefinitionString"]))
+    return machine_definition(resources, "TrainingStateMachine")
 
 
 def main_line(definition: dict) -> list[str]:
@@ -192,12 +196,37 @@ def test_state_machine_follows_the_step_list(definition):
         assert state["Catch"] == [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "NotifyFailure"}]
 
 
+def test_evaluate_step_feeds_the_gate_and_is_sized_from_the_step(definition, resources):
+    states = definition["States"]
+    assert states["TrainModel"]["Next"] == "EvaluateModel" and states["EvaluateModel"]["Next"] == "QualityGate"
+    step = PIPELINE.step("EvaluateModel")
+    functions = {k: v for k, v in of_type(resources, "AWS::Lambda::Function").items() if "EvaluateFunction" in k}
+    [fn] = functions.values()
+    assert fn["Properties"]["MemorySize"] == step.memory_mb == 10240 and fn["Properties"]["Timeout"] == step.timeout_s
+    env = fn["Properties"]["Environment"]["Variables"]
+    assert json.loads(env["GATE_CONFIG"])["non_inferiority_margin"] == load().gate_non_inferiority_margin
+    register = next(v for k, v in of_type(resources, "AWS::Lambda::Function").items() if "RegisterFunction" in k)
+    assert "SERVING_IMAGE_URI" in register["Properties"]["Environment"]["Variables"]
+
+
+def test_batch_inference_is_a_distributed_map_over_the_s3_listing(resources):
+    batch = machine_definition(resources, "BatchInferenceStateMachine")
+    fan_out = batch["States"][batch["StartAt"]]
+    assert fan_out["Type"] == "Map" and fan_out["ItemProcessor"]["ProcessorConfig"]["Mode"] == "DISTRIBUTED"
+    assert fan_out["ItemReader"]["Resource"].endswith(":states:::s3:listObjectsV2")
+    assert fan_out["ItemReader"]["Parameters"]["Prefix.$"] == "$.input_prefix"
+    assert fan_out["ItemBatcher"]["MaxItemsPerBatch"] == 100 and fan_out["Next"] == "MergeParts"
+
+
 def test_training_step_is_a_sync_sagemaker_job(definition):
     train = definition["States"]["TrainModel"]
     assert train["Resource"].endswith(":states:::sagemaker:createTrainingJob.sync")
     p = train["Parameters"]
     cfg = load()
     assert p["TrainingJobName.$"] == "$.run.job_name"
+    [retry] = train["Retry"]  # CreateTrainingJob refused for capacity or quota: the same name, later
+    assert "SageMaker.ResourceLimitExceededException" in retry["ErrorEquals"] and "States.ALL" not in retry["ErrorEquals"]
+    assert retry["BackoffRate"] > 1 and retry["MaxAttempts"] >= 3 and retry["JitterStrategy"] == "FULL"
     assert p["InputDataConfig.$"] == "$.dataset.channels"
     assert p["EnableManagedSpotTraining"] is True
     stop = p["StoppingCondition"]
@@ -250,10 +279,12 @@ def test_training_image_is_built_from_the_training_dockerfile(definition, synthe
 
 
 def test_state_machine_logs_everything_and_traces(resources):
-    [machine] = of_type(resources, "AWS::StepFunctions::StateMachine").values()
-    props = machine["Properties"]
-    assert props["LoggingConfiguration"]["Level"] == "ALL"
-    assert props["TracingConfiguration"] == {"Enabled": True}
+    machines = of_type(resources, "AWS::StepFunctions::StateMachine").values()
+    assert len(machines) == 2  # training and batch inference
+    for machine in machines:
+        props = machine["Properties"]
+        assert props["LoggingConfiguration"]["Level"] == "ALL"
+        assert props["TracingConfiguration"] == {"Enabled": True}
 
 
 def test_registry_and_pointer(resources):
@@ -361,7 +392,7 @@ def test_alarms_page_the_topic(resources):
         props = alarm["Properties"]
         metrics.add(props.get("MetricName"))
         metrics.update(m.get("MetricStat", {}).get("Metric", {}).get("MetricName") for m in props.get("Metrics", []))
-    assert {"Errors", "5XXError", "ExecutionsFailed", "ApproximateNumberOfMessagesVisible"} <= metrics
+    assert {"Errors", "5XXError", "ExecutionsFailed", "ApproximateNumberOfMessagesVisible", "ModelFallback"} <= metrics
 
 
 def test_dashboard_covers_serving_and_training(resources):

@@ -30,11 +30,12 @@ def test_patient_keys_follow_the_data_readme():
 def test_layout_is_case_insensitive_and_reports_other_classes():
     layout = scan_relpaths([
         "train/normal/a.jpeg", "train/Pneumonia/person1_x.JPG", "train/COVID/c.jpeg", "train/COVID/d.jpeg",
-        "val/NORMAL/b.png", "val/PNEUMONIA/e.dcm", "test/NORMAL/t.jpeg", "train/NORMAL/notes.txt", "stray.jpeg",
-        "_READY",
+        "val/NORMAL/b.png", "val/PNEUMONIA/e.dcm", "test/NORMAL/t.jpeg", "Test/pneumonia/u.png",
+        "extra/NORMAL/x.jpeg", "train/NORMAL/notes.txt", "stray.jpeg", "_READY",
     ])
-    assert layout.counts() == {"train": {"NORMAL": 1, "PNEUMONIA": 1}, "val": {"NORMAL": 1, "PNEUMONIA": 1}}
-    assert layout.ignored_classes == {"train/COVID": 2, "test": 1}
+    assert layout.counts() == {"train": {"NORMAL": 1, "PNEUMONIA": 1}, "val": {"NORMAL": 1, "PNEUMONIA": 1},
+                               "test": {"NORMAL": 1, "PNEUMONIA": 1}}
+    assert layout.ignored_classes == {"train/COVID": 2, "extra": 1}
     assert {r for r, _ in layout.ignored_files} == {"train/NORMAL/notes.txt", "stray.jpeg"}
     layout.check()
 
@@ -42,16 +43,19 @@ def test_layout_is_case_insensitive_and_reports_other_classes():
 def test_missing_class_and_wrong_layout_are_named():
     with pytest.raises(DatasetLayoutError, match="PNEUMONIA in split 'train'"):
         scan_relpaths(["train/NORMAL/a.jpeg"]).check()
+    with pytest.raises(DatasetLayoutError, match="PNEUMONIA in split 'test'"):
+        scan_relpaths(["train/NORMAL/a.jpeg", "train/PNEUMONIA/b.jpeg", "test/NORMAL/c.jpeg"]).check()
     with pytest.raises(DatasetLayoutError, match="no train/NORMAL"):
         scan_relpaths(["images/a.jpeg", "images/b.jpeg"]).check()
 
 
 def test_fingerprint_of_the_shared_copy_matches_its_manifest():
     layout = scan_directory(DATA_224)
-    assert layout.counts() == {"train": {"NORMAL": 1341, "PNEUMONIA": 3875}}
-    rows = list(csv.DictReader(open(DATA / "manifest.csv")))
+    # test/ is the evaluation set: carried, counted, never a training channel.
+    assert layout.counts() == {"train": {"NORMAL": 1341, "PNEUMONIA": 3875}, "test": {"NORMAL": 119, "PNEUMONIA": 192}}
+    rows = list(csv.DictReader(open(DATA / "manifest.csv")))  # lists the train split
     from_manifest = fingerprint(r["relative_path"].split("/", 1)[1] for r in rows)
-    assert layout.fingerprint() == from_manifest
+    assert fingerprint(p for p in layout.all_files() if p.startswith("train/")) == from_manifest
 
 
 def test_manifest_round_trip_and_mismatch():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+import pytest
 import torch
 from conftest import DATA
 
@@ -12,7 +13,8 @@ from shared.dataset import MIN_VAL_PER_CLASS, VAL_FRACTION, held_out_folds, pati
 from shared.evaluation import metrics_at_threshold
 from shared.labels import CLASS_NAMES
 from training_job.data import Augment, group_ids, grouped_split
-from training_job.metrics import choose_threshold, fit_temperature
+from training_job.metrics import choose_threshold, fit_temperature, threshold_for_policy
+from training_job.models import build_model
 
 
 def test_grouped_split_on_the_real_file_list_never_shares_a_patient_or_duplicate():
@@ -90,9 +92,54 @@ def test_recipe_sets_defaults_and_flags_override():
     from training_job.train import parse_args
 
     gpu = parse_args(["--train", str(DATA_224 / "train"), "--recipe", "gpu", "--epochs", "3"])
-    assert (gpu.architecture, gpu.image_size, gpu.epochs) == ("resnet18", 224, 3)
+    assert (gpu.architecture, gpu.pretrained, gpu.image_size, gpu.epochs) == ("efficientnet_lite0", True, 224, 3)
     cpu = parse_args(["--train", str(DATA_224 / "train")])
-    assert cpu.recipe == "cpu" and cpu.architecture != "resnet18"
+    assert (cpu.recipe, cpu.architecture, cpu.pretrained, cpu.image_size) == ("cpu", "efficientnet_lite0", True, 160)
+    assert cpu.threshold_policy == "balanced"
+    quick = parse_args(["--train", str(DATA_224 / "train"), "--recipe", "quick"])
+    assert (quick.architecture, quick.pretrained, quick.image_size, quick.limit_per_class) == ("resnet10", False, 128, 400)
+    assert quick.threshold_policy == "sensitivity" and quick.target_sensitivity == 0.95
+    # Another architecture does not inherit the recipe's pretrained weights unless asked for.
+    other = parse_args(["--train", str(DATA_224 / "train"), "--architecture", "seed_cnn"])
+    assert other.pretrained is False and other.image_size == 160
+    with pytest.raises(ValueError, match="no pretrained weights exist for seed_cnn"):
+        build_model("seed_cnn", pretrained=True)
+
+
+def test_pretrained_stem_folded_to_one_channel_sees_what_the_rgb_network_saw():
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from training_job.models import (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        PRETRAINED_GRAY_MEAN,
+        PRETRAINED_GRAY_STD,
+        efficientnet_lite0_weights,
+    )
+
+    gray = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    folded = build_model("efficientnet_lite0", 1, 2, pretrained=True, image_size=64).eval().features.net
+    rgb = EfficientNet.from_name("efficientnet-lite0", image_size=64).eval()
+    rgb.load_state_dict(torch.load(efficientnet_lite0_weights()["path"], weights_only=True))
+    x_rgb = torch.cat([(gray - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)], dim=1)
+    with torch.no_grad():
+        want = rgb._bn0(rgb._conv_stem(x_rgb))
+        got = folded._bn0(folded._conv_stem((gray - PRETRAINED_GRAY_MEAN) / PRETRAINED_GRAY_STD))
+    # Exact away from the zero padding, which the two inputs encode differently.
+    assert torch.allclose(got[..., 1:-1, 1:-1], want[..., 1:-1, 1:-1], atol=1e-4)
+    assert float((got - want).abs().max()) > 1e-3  # the border does differ: the comparison is not vacuous
+
+
+def test_named_threshold_policies():
+    rng = np.random.default_rng(3)
+    y = np.r_[np.zeros(200), np.ones(200)].astype(int)
+    p = np.clip(y * 0.35 + rng.random(400) * 0.65, 0, 1)
+    assert threshold_for_policy("balanced", y, p)[0] == 0.5
+    t, text = threshold_for_policy("sensitivity", y, p, 0.95)
+    assert metrics_at_threshold(y, p, t)["sensitivity"] >= 0.95 and "0.95" in text
+    assert threshold_for_policy("youden", y, p)[0] == choose_threshold(y, p)
+    with pytest.raises(ValueError, match="unknown threshold policy"):
+        threshold_for_policy("median", y, p)
 
 
 def test_weight_average_follows_a_short_run_instead_of_the_initial_weights():

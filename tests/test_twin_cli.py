@@ -121,8 +121,10 @@ def test_the_demo_trains_promotes_and_prints_a_prediction(running):
     text = running.text()
     assert "S3 (SeaweedFS)        http://127.0.0.1:" in text
     assert "upload      60 uploaded, 0 already there; marker written" in text
-    assert re.search(r"^run\s+cxr-chest-xray-\w+: SUCCEEDED via ValidateDataset -> TrainModel -> QualityGate -> "
-                     r"RegisterModel -> IsApproved -> PromoteModel -> NotifyPromoted$", text, re.M), text
+    assert re.search(r"^run\s+cxr-chest-xray-\w+: SUCCEEDED via ValidateDataset -> TrainModel -> EvaluateModel -> "
+                     r"QualityGate -> RegisterModel -> IsApproved -> PromoteModel -> NotifyPromoted$", text, re.M), text
+    # No test/ split in this upload: the output says what the model was judged on.
+    assert re.search(r"^judged on\s+its own validation split only", text, re.M), text
     promoted = re.search(r"^outcome\s+promoted: model (\S+) cleared the gate", text, re.M).group(1)
     predictions = re.findall(r"^prediction\s+POST /predict \S+ \(folder label \w+\) -> (NORMAL|PNEUMONIA)\s+"
                              r"P\(pneumonia\)=[0-9.]+ threshold=[0-9.]+\s+model (\S+)$", text, re.M)
@@ -210,8 +212,9 @@ def test_a_tiny_load_test_has_no_errors(running, tmp_path):
                            "--api-key", running.key, "--levels", "1,4", "--requests", "16", "--max-seconds", "60",
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \|", out.read_text(), re.M)
-    assert [(c, n, e) for c, n, e in rows] == [("1", "16", "0"), ("4", "16", "0")], out.read_text()
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) % \| ([\d.]+) % \| (\d+) \|", out.read_text(), re.M)
+    # clients, requests, 200s, 429 share, 503 share, errors
+    assert rows == [("1", "16", "16", "0.0", "0.0", "0"), ("4", "16", "16", "0.0", "0.0", "0")], out.read_text()
 
 
 def test_ctrl_c_stops_every_process_it_started(running):

@@ -20,11 +20,10 @@ import numpy as np
 from shared.bundle import BundleError, read_bundle
 from shared.cli import HelpFormatter
 from shared.dataset import DatasetLayoutError, scan_channel
-from shared.evaluation import metrics_at_threshold
-from shared.imaging import ImageError, decode_file
+from shared.evaluation import format_with_ci, metrics_with_ci
 from shared.labels import CLASS_NAMES
 from shared.predictor import OnnxPredictor
-from shared.preprocessing import decode_min_side, to_model_pixels
+from shared.scoring import score
 from training_job.report import write_json
 
 
@@ -44,35 +43,32 @@ def evaluate(bundle_path: Path, data: Path, out: Path, split: str | None = None,
     layout = scan_channel(root, "eval")
     if "eval" not in layout.files:
         raise DatasetLayoutError(f"no NORMAL/ or PNEUMONIA/ images under {root}")
-    rows, pixels, labels, skipped = [], [], [], []
-    items = [(rel, CLASS_NAMES.index(cls)) for cls in CLASS_NAMES for rel in layout.files["eval"][cls]]
+    items = [(str(root / rel.split("/", 1)[1]), CLASS_NAMES.index(cls), Path(root / rel.split("/", 1)[1]).read_bytes)
+             for cls in CLASS_NAMES for rel in layout.files["eval"][cls]]
+    rows = score(items, [predictor])
     if progress:
         from tqdm import tqdm
 
-        items = tqdm(items, desc="evaluate", unit="img")
-    for rel, label in items:
-        path = root / rel.split("/", 1)[1]
-        try:
-            decoded = decode_file(path, decode_min_side(bundle.preprocessing))
-        except ImageError as exc:
-            skipped.append({"file": str(path), "reason": exc.message})
-            continue
-        pixels.append(to_model_pixels(decoded.image, bundle.preprocessing))
-        labels.append(label)
-        rows.append(str(path))
-    if not rows:
+        rows = tqdm(rows, total=len(items), desc="evaluate", unit="img")
+    scored, skipped = [], []
+    for row in rows:
+        if row.ok:
+            scored.append(row)
+        else:
+            skipped.append({"file": row.key, "code": row.error_code, "reason": row.error})
+    if not scored:
         raise DatasetLayoutError(f"no readable images under {root}")
-    probs = predictor.positive_probabilities(np.stack(pixels))
-    y = np.asarray(labels)
-    metrics = metrics_at_threshold(y, probs, bundle.threshold)
+    y = np.asarray([r.label for r in scored])
+    probs = np.asarray([r.probabilities[0] for r in scored])
+    metrics = metrics_with_ci(y, probs, bundle.threshold)
     metrics.update({"model_version": bundle.version, "data": str(root), "skipped": skipped})
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", metrics)
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "probability_pneumonia"])
-        for path, label, p in zip(rows, y, probs, strict=True):
-            w.writerow([path, CLASS_NAMES[int(label)], f"{p:.6f}"])
+        for r in scored:
+            w.writerow([r.key, CLASS_NAMES[int(r.label)], f"{r.probabilities[0]:.6f}"])
     return metrics
 
 
@@ -93,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BundleError, DatasetLayoutError) as exc:
         print(f"evaluation failed: {exc}", file=sys.stderr)
         return 1
-    print(f"{m['n']} images, threshold {m['threshold']:.4f}: accuracy {m['accuracy']:.4f}, sensitivity "
-          f"{m['sensitivity']:.4f}, specificity {m['specificity']:.4f}, ROC AUC {m['roc_auc']:.4f}"
+    print(f"{m['n']} images, threshold {m['threshold']:.4f} (95% CI): accuracy {format_with_ci(m, 'accuracy', 4)}, "
+          f"sensitivity {format_with_ci(m, 'sensitivity', 4)}, specificity {format_with_ci(m, 'specificity', 4)}, "
+          f"ROC AUC {format_with_ci(m, 'roc_auc', 4)}"
           + (f"; {len(m['skipped'])} unreadable images skipped" if m["skipped"] else ""))
     print(f"wrote {args.out / 'metrics.json'} and {args.out / 'predictions.csv'}")
     return 0

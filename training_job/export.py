@@ -18,8 +18,9 @@ from shared.evaluation import metrics_with_ci
 from shared.labels import CLASS_NAMES
 
 from . import engine as E
-from .metrics import choose_threshold, fit_temperature
+from .metrics import fit_temperature, threshold_for_policy
 from .models import Classifier, ExportWrapper
+from .ood import fit_ood
 from .report import write_json, write_report
 
 PARITY_TOLERANCE = 1e-4
@@ -68,8 +69,12 @@ def cam_weights(model: Classifier) -> dict[str, list]:
 
 def write_model_bundle(model: Classifier, spec, out_dir: str | Path, *, model_version: str, threshold: float,
                        temperature: float, architecture: str, validation_metrics: dict, provenance: dict,
-                       report_dir: str | Path | None = None, example_batch: int = 4) -> Path:
-    """Export ``model`` to ONNX, check parity, and write a complete bundle into ``out_dir``."""
+                       report_dir: str | Path | None = None, example_batch: int = 4,
+                       ood: tuple[dict, bytes] | None = None) -> Path:
+    """Export ``model`` to ONNX, check parity, and write a complete bundle into ``out_dir``.
+
+    ``ood`` is the out-of-distribution check from :func:`training_job.ood.fit_ood`; without it the
+    bundle serves with the check reported unavailable."""
     import tempfile
 
     from shared.bundle import FORMAT_VERSION, write_bundle
@@ -95,7 +100,7 @@ def write_model_bundle(model: Classifier, spec, out_dir: str | Path, *, model_ve
             "metrics": {"validation": validation_metrics},
             "provenance": provenance,
         }
-        return write_bundle(out_dir, onnx_path, meta, report_dir)
+        return write_bundle(out_dir, onnx_path, meta, report_dir, ood=ood)
 
 
 def code_version() -> str:
@@ -113,10 +118,11 @@ def utc_now() -> str:
 
 
 def write_outputs(args, spec, model: Classifier, best_path: Path, val, info: dict, history: list, best: dict,
-                  started: str, device, log) -> Path:
+                  started: str, device, log, train=None) -> Path:
     """Best checkpoint -> temperature and threshold on validation -> report -> ONNX bundle in ``args.model_dir``.
 
-    ``val`` is the validation :class:`training_job.data.Split`; ``log`` prints a line. Raises
+    ``val`` is the validation :class:`training_job.data.Split`; with ``train`` (the training Split)
+    the out-of-distribution check is fitted on both and stored in the bundle. ``log`` prints a line. Raises
     :class:`ExportError` when the ONNX model does not match torch."""
     state = torch.load(best_path, map_location="cpu", weights_only=False)
     model = model.cpu().to(memory_format=torch.contiguous_format)
@@ -126,7 +132,7 @@ def write_outputs(args, spec, model: Classifier, best_path: Path, val, info: dic
     y = val.labels.numpy()
     temperature = fit_temperature(logits, y) if args.calibrate else 1.0
     probs = E.softmax_positive(logits, temperature)
-    threshold = choose_threshold(y, probs, args.target_sensitivity)
+    threshold, policy = threshold_for_policy(args.threshold_policy, y, probs, args.target_sensitivity)
     vm = metrics_with_ci(y, probs, threshold)
     vm["temperature"] = temperature
     vm["best_epoch"] = best["epoch"]
@@ -161,15 +167,18 @@ def write_outputs(args, spec, model: Classifier, best_path: Path, val, info: dic
         "temperature": temperature, "device": device_name, "started_at": started, "finished_at": finished,
         "counts": info["counts"], "val_source": info["val_source"], "fingerprint": info["fingerprint"],
         "initial_weights": (info.get("initial_weights") or {}).get("name"), "select_metric": args.select_metric,
-        "threshold_policy": (f"the highest threshold with validation sensitivity >= {args.target_sensitivity}"
-                             if args.target_sensitivity else "maximising Youden's J on validation"),
+        "threshold_policy": policy,
     }
     write_report(work, metrics={"validation": vm, "history": history}, y_val=y, p_val=probs, history=history,
                  summary=summary)
+    ood = None
+    if train is not None and min(len(train), len(val)) >= 20:  # the refusal check, fitted on these images
+        ood = fit_ood(model, train.pixels.numpy(), val.pixels.numpy(), spec, args.seed)
+        log(f"out-of-distribution check: distance cut-off {ood[0]['cutoff']:.1f}, upright cut-off {ood[0]['view_cutoff']:.4f}")
     try:
         write_model_bundle(model, spec, model_dir, model_version=version, threshold=threshold, temperature=temperature,
                            architecture=args.architecture, validation_metrics=vm, provenance=provenance,
-                           report_dir=work)
+                           report_dir=work, ood=ood)
     except ExportError as exc:
         raise ExportError(f"export failed: {exc}") from None
     finally:

@@ -24,6 +24,7 @@ RECIPES: dict[str, dict[str, object]] = {
         "epochs": 8,
         "lr": 1e-3,
         "dropout": 0.2,
+        "threshold_policy": "balanced",
     },
     "gpu": {
         "architecture": "efficientnet_lite0",
@@ -35,6 +36,7 @@ RECIPES: dict[str, dict[str, object]] = {
         "dropout": 0.2,
         "augment": "strong",
         "ema_decay": 0.999,
+        "threshold_policy": "balanced",
         "workers": 8,
     },
     "quick": {

@@ -47,6 +47,7 @@ from shared.preprocessing import PreprocessSpec
 from training_job import data as D
 from training_job import engine as E
 from training_job.export import ExportError, utc_now, write_outputs
+from training_job.metrics import THRESHOLD_POLICIES
 from training_job.models import (
     ARCHITECTURES,
     PRETRAINED,
@@ -145,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="patient-grouped split when no val channel")
     v.add_argument("--min-val-per-class", type=int, default=MIN_VAL_PER_CLASS,
                    help="a val channel smaller than this per class is merged into train and re-split by patient")
+    v.add_argument("--threshold-policy", default="youden", choices=THRESHOLD_POLICIES,
+                   help="how validation chooses the decision threshold: youden (maximise Youden's J), sensitivity "
+                        "(the highest threshold reaching --target-sensitivity), balanced (0.5 on the calibrated "
+                        "probability of the class-balanced model, independent of the validation prevalence)")
     v.add_argument("--target-sensitivity", type=float, default=0.0,
                    help="choose the threshold reaching this validation sensitivity; 0 = maximise Youden's J")
     add_bool(v, "--calibrate", default=True, help="fit a softmax temperature on validation")
@@ -188,6 +193,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise TrainingError("lr must be positive")
     if not 0 <= args.target_sensitivity < 1:
         raise TrainingError("target-sensitivity must be in [0, 1)")
+    if args.target_sensitivity > 0 and args.threshold_policy == "youden":
+        args.threshold_policy = "sensitivity"  # a target sensitivity names its policy
+    if args.threshold_policy == "sensitivity" and not args.target_sensitivity > 0:
+        raise TrainingError("threshold-policy sensitivity needs --target-sensitivity between 0 and 1")
     if args.data:
         root = Path(args.data)
         if not root.is_dir():
@@ -397,7 +406,7 @@ def run(args, dist_info: Dist) -> Path | None:
 
     if not dist_info.main:
         return None
-    return write_outputs(args, spec, model, best_path, val, info, history, best, started, device, log)
+    return write_outputs(args, spec, model, best_path, val, info, history, best, started, device, log, train)
 
 
 def _worker(local_rank: int, args, hosts: list[str], node_rank: int, per_host: int, port: int) -> None:

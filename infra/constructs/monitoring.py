@@ -79,6 +79,14 @@ class Monitoring(Construct):
                            width=12),
         )
 
+        # Requests the inference handler refused as not a frontal chest X-ray (422 not_a_chest_xray), beside
+        # the predictions it made: a rise means clients send the wrong files, or the population has shifted.
+        served = {name: cw.Metric(namespace=config.metrics_namespace, metric_name=name, statistic="Sum",
+                                  dimensions_map={"service": config.service_name}, period=FIVE_MINUTES, label=label)
+                  for name, label in (("RejectedNotChestXray", "refused: not a chest X-ray"), ("Predictions", "predictions"))}
+        self.dashboard.add_widgets(cw.GraphWidget(title="Refused as not a chest X-ray", left=[served["RejectedNotChestXray"]],
+                                                  right=[served["Predictions"]], width=12))
+
         def alarm(id: str, metric: cw.IMetric, threshold: float, description: str, periods: int = 1) -> cw.Alarm:
             a = cw.Alarm(self, id, metric=metric, threshold=threshold, evaluation_periods=periods,
                          datapoints_to_alarm=periods,

@@ -97,6 +97,8 @@ class Serving(Construct):
         if config.inference_reserved_concurrency:
             cfn_function.reserved_concurrent_executions = config.inference_reserved_concurrency
         self.function, self.function_role = fn.function, fn.role
+        # The image the registry's model packages name in their inference specification.
+        self.image_uri = fn.function.node.default_child.code.image_uri
         for statement in (
             iam.PolicyStatement(sid="ReadModels", actions=["s3:GetObject"],
                                 resources=[storage.artifacts_bucket.arn_for_objects(f"{MODELS_PREFIX}*")]),

@@ -1,4 +1,4 @@
-"""Dataset marker -> validate -> SageMaker training -> gate -> register -> promote -> notify.
+"""Dataset marker -> validate -> SageMaker training -> evaluate -> gate -> register -> promote -> notify.
 
 The state machine is generated from :data:`infra.pipeline.PIPELINE`, the list the local twin runs
 too. The training step is a ``createTrainingJob.sync`` task written as a CustomState because the
@@ -37,7 +37,7 @@ from ..functions.common import RUN_ID_PREFIX, Settings
 from ..nag import acknowledge, acknowledge_wildcards
 from ..names import dataset_ready_pattern
 from ..packaging import stage_functions_context, stage_training_context
-from ..pipeline import PIPELINE, TRAINING_RESULT_FIELDS, Pipeline, Step
+from ..pipeline import PIPELINE, STARTER, TRAINING_RESULT_FIELDS, Pipeline, Step
 from . import output
 from .lambdas import ContainerFunction, container_function, log_group
 from .registry import ModelRegistry
@@ -47,15 +47,14 @@ SAGEMAKER_EVENTS_RULE = "StepFunctionsGetEventsForSageMakerTrainingJobsRule"
 TRAINING_LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 _ENV = Settings.env_names()
 
-# What each function may touch, beyond writing its own logs. Keys are infra.functions modules.
-_FUNCTION_SPECS: dict[str, dict[str, Any]] = {
-    "starter": {"memory": 256, "timeout": 30, "description": "starts one workflow run per _READY marker version"},
-    "validate_dataset": {"memory": 1024, "timeout": 300, "description": "checks a dataset against its _READY manifest"},
-    "gate": {"memory": 2048, "timeout": 300, "ephemeral": 4096,
-             "description": "quality gate on the trained bundle's validation metrics"},
-    "register": {"memory": 256, "timeout": 60, "description": "registers the model package, Approved or Rejected"},
-    "promote": {"memory": 256, "timeout": 60, "description": "points serving at the approved model"},
-    "notify": {"memory": 256, "timeout": 60, "description": "reports how a run ended"},
+# CreateTrainingJob refused for lack of capacity or quota (ResourceLimitExceeded: too many instances
+# of the type or jobs at once; SageMaker's API errors reach Step Functions as
+# AmazonSageMakerException). No job was created, so the same job name is tried again, with
+# exponential backoff and full jitter: 1, 2, 4, 8 minutes (capped at 15), then the run fails with the
+# reason. Capacity for a spot job that has started is SageMaker's own wait (maxWaitSeconds).
+TRAINING_CAPACITY_RETRY = {
+    "ErrorEquals": ["SageMaker.ResourceLimitExceededException", "SageMaker.AmazonSageMakerException"],
+    "IntervalSeconds": 60, "BackoffRate": 2.0, "MaxAttempts": 4, "MaxDelaySeconds": 900, "JitterStrategy": "FULL",
 }
 
 
@@ -80,16 +79,15 @@ class TrainingPipeline(Construct):
         )
         code_dir = str(stage_functions_context())
         self.functions: dict[str, ContainerFunction] = {}
-        for module in ("starter", *pipeline.lambda_modules()):
-            spec = _FUNCTION_SPECS[module]
+        for module, spec in {"starter": STARTER, **pipeline.functions()}.items():
             name = "".join(part.title() for part in module.split("_")) + "Function"
             self.functions[module] = container_function(
                 self, name,
                 code=lambda_.DockerImageCode.from_image_asset(
                     code_dir, cmd=[f"infra.functions.{module}.handler"], platform=ecr_assets.Platform.LINUX_AMD64),
-                key=storage.key, retention_days=config.log_retention_days, description=spec["description"],
-                memory_size=spec["memory"], timeout=Duration.seconds(spec["timeout"]),
-                ephemeral_storage_mb=spec.get("ephemeral"),
+                key=storage.key, retention_days=config.log_retention_days, description=spec.description,
+                memory_size=spec.memory_mb, timeout=Duration.seconds(spec.timeout_s),
+                ephemeral_storage_mb=spec.ephemeral_mb,
                 # Only the starter is invoked asynchronously (by EventBridge); the others answer
                 # Step Functions directly, which catches their failures.
                 dead_letter_queue=self.dead_letters if module == "starter" else None,
@@ -205,13 +203,28 @@ class TrainingPipeline(Construct):
               conditions={"StringLike": {"s3:prefix": [f"{DATASETS_PREFIX}*"]}})
         allow("validate_dataset", "DecryptDatasets", ["kms:Decrypt"], [key.key_arn])
 
-        env("gate", artifacts_bucket=artifacts.bucket_name, pointer_parameter=pointer.parameter_name,
-            gate=json.dumps(self.config.gate_settings(), sort_keys=True))
-        allow("gate", "ReadModels", ["s3:GetObject"], [artifacts.arn_for_objects(f"{MODELS_PREFIX}*")])
+        gate_settings = json.dumps(self.config.gate_settings(), sort_keys=True)
+        env("evaluate", artifacts_bucket=artifacts.bucket_name, pointer_parameter=pointer.parameter_name,
+            gate=gate_settings, evaluation_dataset=self.config.evaluation_dataset_uri)
+        allow("evaluate", "ReadModels", ["s3:GetObject"], [artifacts.arn_for_objects(f"{MODELS_PREFIX}*")])
+        allow("evaluate", "WriteEvaluation", ["s3:PutObject"],
+              [artifacts.arn_for_objects(f"{MODELS_PREFIX}*/evaluation/*")])
+        allow("evaluate", "ReadEvaluationSets", ["s3:GetObject"], [data.arn_for_objects(f"{DATASETS_PREFIX}*")])
+        allow("evaluate", "ListEvaluationSets", ["s3:ListBucket"], [data.bucket_arn],
+              conditions={"StringLike": {"s3:prefix": [f"{DATASETS_PREFIX}*"]}})
+        if self.config.evaluation_dataset_uri:
+            fixed_bucket, _, fixed_prefix = self.config.evaluation_dataset_uri[5:].partition("/")
+            allow("evaluate", "ReadFixedEvaluationSet", ["s3:GetObject"],
+                  [f"arn:{Aws.PARTITION}:s3:::{fixed_bucket}/{fixed_prefix}*"])
+            allow("evaluate", "ListFixedEvaluationSet", ["s3:ListBucket"], [f"arn:{Aws.PARTITION}:s3:::{fixed_bucket}"],
+                  conditions={"StringLike": {"s3:prefix": [f"{fixed_prefix}*"]}})
+        allow("evaluate", "UseDataKey", ["kms:Decrypt", "kms:GenerateDataKey"], [key.key_arn])
+        allow("evaluate", "ReadPointer", ["ssm:GetParameter"], [pointer.parameter_arn])
+
+        env("gate", artifacts_bucket=artifacts.bucket_name, gate=gate_settings)
         allow("gate", "WriteModelQuality", ["s3:PutObject"],
               [artifacts.arn_for_objects(f"{MODELS_PREFIX}*/model-quality.json")])
         allow("gate", "UseDataKey", ["kms:Decrypt", "kms:GenerateDataKey"], [key.key_arn])
-        allow("gate", "ReadPointer", ["ssm:GetParameter"], [pointer.parameter_arn])
 
         env("register", model_package_group=self.registry.group_name, artifacts_bucket=artifacts.bucket_name)
         allow("register", "RegisterModelPackages", ["sagemaker:CreateModelPackage"],
@@ -240,6 +253,10 @@ class TrainingPipeline(Construct):
         if on_failure is not None:
             state.add_catch(on_failure, errors=["States.ALL"], result_path="$.error")
         return state
+
+    def set_serving_image(self, image_uri: str) -> None:
+        """The inference image the registry's model packages name (known once serving is built)."""
+        self.functions["register"].function.add_environment(_ENV["serving_image_uri"], image_uri)
 
     def training_parameters(self) -> dict[str, Any]:
         cfg, artifacts = self.config, self.storage.artifacts_bucket
@@ -295,6 +312,7 @@ class TrainingPipeline(Construct):
             "Parameters": self.training_parameters(),
             "ResultSelector": {f"{k}.$": v for k, v in TRAINING_RESULT_FIELDS.items()},
             "ResultPath": f"$.{step.result_key}",
+            "Retry": [TRAINING_CAPACITY_RETRY],
         })
         state.add_catch(on_failure, errors=["States.ALL"], result_path="$.error")
         return state
@@ -374,7 +392,8 @@ class TrainingPipeline(Construct):
            "registry account differs between regions.")
         for fn in self.functions.values():
             acknowledge_wildcards(fn.role, [
-                r"^Resource::.*/(datasets|models|runs/refused)/\*(/model-quality\.json)?$",
+                r"^Resource::.*/(datasets|models|runs/refused)/\*(/model-quality\.json|/evaluation/\*)?$",
+                r"^Resource::arn:<AWS::Partition>:s3:::.*\*$",
                 r"^Resource::arn:(<AWS::Partition>|aws[a-z-]*):sagemaker:.*:model-package/.+/\*$",
             ], "Object keys carry the dataset and training-job names chosen per run, so access is granted to the "
                "datasets/ or models/ prefix of the product's own bucket (refusal records under runs/refused/ are named "

@@ -15,10 +15,13 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from shared.bundle import ARCHIVE_NAME, Bundle, file_sha256, read_bundle
 from shared.dataset import MARKER_NAME
+from shared.pointer import ModelPointer, PointerError
 
 LOG = logging.getLogger("cxr.pipeline")
 
@@ -61,6 +64,8 @@ class Settings:
     state_machine_arn: str = ""
     gate: dict[str, Any] = field(default_factory=dict)
     max_runs_per_day: int = 0  # 0: no cap
+    evaluation_dataset: str = ""  # s3:// prefix of the fixed evaluation set (cdk.json evaluationDatasetUri)
+    serving_image_uri: str = ""  # the inference image the model package's inference specification names
 
     _ENV = {
         "data_bucket": "DATA_BUCKET",
@@ -71,6 +76,8 @@ class Settings:
         "state_machine_arn": "STATE_MACHINE_ARN",
         "gate": "GATE_CONFIG",
         "max_runs_per_day": "MAX_RUNS_PER_DAY",
+        "evaluation_dataset": "EVALUATION_DATASET_URI",
+        "serving_image_uri": "SERVING_IMAGE_URI",
     }
 
     @classmethod
@@ -175,6 +182,36 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if u.scheme != "s3" or not u.netloc or not u.path.lstrip("/"):
         raise StepError(f"{uri!r} is not an s3://bucket/key URI")
     return u.netloc, u.path.lstrip("/")
+
+
+def download(s3: Any, uri: str, dest: Path) -> str:
+    """Download ``uri`` to ``dest``; returns the file's SHA-256 (hex)."""
+    bucket, key = parse_s3_uri(uri)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    s3.download_file(bucket, key, str(dest))
+    return file_sha256(dest)
+
+
+def open_bundle(s3: Any, uri: str, workdir: Path) -> tuple[Bundle, str]:
+    """The bundle at ``uri`` (a model.tar.gz), unpacked under ``workdir``, and the archive's SHA-256.
+
+    Raises :class:`shared.bundle.BundleError` when the archive is not a valid bundle."""
+    sha = download(s3, uri, workdir / ARCHIVE_NAME)
+    return read_bundle(workdir / ARCHIVE_NAME, unpack_to=workdir / "bundle"), sha
+
+
+def promoted_pointer(ssm: Any, name: str) -> ModelPointer | None:
+    """The promoted model's pointer, or None when nothing valid has been promoted yet."""
+    if not name:
+        return None
+    try:
+        value = ssm.get_parameter(Name=name)["Parameter"]["Value"]
+    except ssm.exceptions.ParameterNotFound:
+        return None
+    try:
+        return ModelPointer.from_json(value)
+    except PointerError:
+        return None
 
 
 def error_output(exc: BaseException) -> dict[str, str]:

@@ -3,7 +3,8 @@
 Reads the marker version that started the run, lists ``datasets/<name>/``, and applies
 :mod:`shared.dataset`: layout (both classes present in every split present), then the manifest
 (counts and fingerprint agree with what is in S3, so a half-finished or changed upload never
-trains). Returns the training channels for CreateTrainingJob.
+trains). Returns the training channels for CreateTrainingJob (``train`` and ``val`` only) and
+the dataset's evaluation set (its ``test/`` split) when it has one.
 """
 
 from __future__ import annotations
@@ -11,7 +12,15 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import unquote_plus
 
-from shared.dataset import DatasetLayoutError, Layout, check_manifest, parse_manifest, scan_relpaths
+from shared.dataset import (
+    EVALUATION_SPLIT,
+    TRAINING_SPLITS,
+    DatasetLayoutError,
+    Layout,
+    check_manifest,
+    parse_manifest,
+    scan_relpaths,
+)
 
 from .common import LOG, DatasetInvalid, StepContext, lambda_handler
 
@@ -44,14 +53,27 @@ def list_relpaths(s3: Any, bucket: str, prefix: str) -> list[str]:
     return rels
 
 
+def _split_folder(layout: Layout, split: str) -> str | None:
+    """The split's folder as uploaded (case kept), or None when the dataset has no such split."""
+    paths = [p for paths in layout.files.get(split, {}).values() for p in paths]
+    return paths[0].split("/", 1)[0] if paths else None
+
+
+def evaluation_set(bucket: str, prefix: str, layout: Layout) -> dict[str, Any] | None:
+    """The dataset's own evaluation set (its ``test/`` split), which is never a training channel."""
+    folder = _split_folder(layout, EVALUATION_SPLIT)
+    if folder is None:
+        return None
+    return {"source": "dataset", "uri": f"s3://{bucket}/{prefix}{folder}/", "counts": layout.counts()[EVALUATION_SPLIT]}
+
+
 def channels(bucket: str, prefix: str, layout: Layout) -> list[dict[str, Any]]:
     """SageMaker InputDataConfig: ``train`` always, ``val`` when the dataset has one."""
     out = []
-    for split in ("train", "val"):
-        paths = [p for paths in layout.files.get(split, {}).values() for p in paths]
-        if not paths:
+    for split in TRAINING_SPLITS:
+        folder = _split_folder(layout, split)
+        if folder is None:
             continue
-        folder = paths[0].split("/", 1)[0]  # the split folder as uploaded (case kept)
         out.append({
             "ChannelName": split,
             "InputMode": "File",
@@ -91,6 +113,7 @@ def run(state: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         "ignored_files": [f"{rel}: {why}" for rel, why in layout.ignored_files[:_MAX_LISTED_IGNORED]],
         "ignored_file_count": len(layout.ignored_files),
         "channels": channels(bucket, prefix, layout),
+        "evaluation_set": evaluation_set(bucket, prefix, layout),
     }
 
 

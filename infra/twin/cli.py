@@ -144,6 +144,36 @@ def show_run(report: RunReport) -> None:
     say(f"run         {report.run_id}: {report.execution.status if report.execution else report.status} "
         f"via {' -> '.join(report.execution.path) if report.execution else '?'}")
     say(f"outcome     {report.outcome}: {report.detail}")
+    if report.execution is not None:
+        for line in comparison_table(report.execution.state):
+            say(line)
+
+
+def comparison_table(state: dict[str, Any]) -> list[str]:
+    """Candidate vs the model in service on the evaluation set, with 95 % CIs, the paired tests
+    and the gate's decision; or the plain statement that only validation was available."""
+    from shared.evaluation import format_with_ci
+
+    from ..functions.notify import comparison_line
+
+    ev, gate = state.get("evaluation") or {}, state.get("gate") or {}
+    if not ev:
+        return []
+    lines = [f"judged on   {ev.get('judged_on')}"]
+    cand, champ = ev.get("metrics"), ((ev.get("in_service") or {}).get("metrics"))
+    if cand:
+        def nan(m):
+            return {**m, "ci": {k: [float("nan") if x is None else x for x in v] for k, v in m.get("ci", {}).items()}}
+
+        names = ("roc_auc", "accuracy", "sensitivity", "specificity", "sens_at_spec90")
+        lines.append(f"            {'(95% CI)':<16}{'candidate ' + ev['model_version']:<44}"
+                     + (f"in service {ev['in_service']['model_version']}" if champ else ""))
+        for n in names:
+            lines.append(f"            {n:<16}{format_with_ci(nan(cand), n):<44}" + (format_with_ci(nan(champ), n) if champ else ""))
+        if ev.get("comparison"):
+            lines.append("paired      " + comparison_line(ev["comparison"], ev["in_service"]["model_version"]))
+    lines.append("decision    " + ("approved" if gate.get("approved") else "rejected: " + "; ".join(gate.get("reasons") or [])))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

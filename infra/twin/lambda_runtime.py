@@ -2,19 +2,25 @@
 
 Like Lambda, it imports the handler once (the init phase, which loads the model), then handles one
 event at a time for as long as it lives. The twin talks to it over a pipe, one JSON document per
-line each way: the API Gateway proxy event in on stdin, the handler's response (or, if the handler
-raised, Lambda's ``{"errorType", "errorMessage"}``) out on the original stdout. Whatever the
+line each way: the API Gateway proxy event in on stdin; out on the original stdout first
+``{"taken": true}`` as soon as the event is read (as Lambda's runtime API hands an event over on
+``/next``: the twin knows from it that the event reached a function), then the handler's response
+(or, if the handler raised, Lambda's ``{"errorType", "errorMessage"}``). Whatever the
 function itself prints (Powertools' JSON logs, EMF metrics) goes to stderr, the twin's stand-in for
 CloudWatch Logs. When the twin goes away, stdin closes and the environment exits.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
 import time
 import traceback
+
+# Lambda names the handler in _HANDLER (module.function); the inference function's by default.
+DEFAULT_HANDLER = "inference_lambda.app.handler"
 
 
 def main() -> int:
@@ -24,7 +30,9 @@ def main() -> int:
 
     t0 = time.perf_counter()
     try:
-        from inference_lambda.app import LocalContext, handler
+        module, _, name = (os.environ.get("_HANDLER") or DEFAULT_HANDLER).rpartition(".")
+        handler = getattr(importlib.import_module(module), name)
+        from inference_lambda.app import LocalContext
     except Exception as exc:  # noqa: BLE001 - an init error is reported, as Lambda reports Runtime.ImportModuleError
         traceback.print_exc()
         channel.write(json.dumps({"ready": False, "errorType": type(exc).__name__, "errorMessage": str(exc)}) + "\n")
@@ -33,6 +41,7 @@ def main() -> int:
                               "pid": os.getpid()}) + "\n")
 
     for line in sys.stdin:
+        channel.write('{"taken": true}\n')
         try:
             event = json.loads(line)
             response = handler(event, LocalContext())

@@ -126,7 +126,7 @@ class _Echo:
             chunk = os.read(self.src.fileno(), 65536)
             if not chunk:
                 break
-            self.log.write(chunk)
+            self.log.write(chunk)  # an unbuffered file: on disk now
             if self.sink is not None:
                 out = bytearray()
                 for b in chunk:
@@ -216,7 +216,9 @@ class LocalTrainingJob:
              checkpoint_uri: str | None) -> tuple[int, bool]:
         seen: dict[str, float] = {}
         timed_out = False
-        with open(log_path, "ab") as log:
+        # Unbuffered: every chunk the job prints is in the file as soon as it is read, so a crash or a
+        # kill -9 of the twin loses none of it.
+        with open(log_path, "ab", buffering=0) as log:
             proc = self.processes.start("training", cmd, env=env, cwd=opt_ml, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             echo = _Echo(proc.stdout, log, sys.stdout.buffer if self.echo else None, b"  | ")
             deadline = time.monotonic() + self.max_runtime_seconds

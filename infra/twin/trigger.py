@@ -5,8 +5,9 @@ bucket; the ``DatasetReady`` rule passes on only ``datasets/*/_READY`` keys; the
 event into the workflow's input (:func:`infra.functions.starter.initial_state`) and starts an
 execution named after the marker version, which Step Functions refuses to start twice.
 
-Here :class:`MarkerWatcher` plays S3's part (it looks at the data bucket's markers and emits the
-same event for each marker version it has not seen), :func:`matches_rule` the rule's (its
+Here :class:`MarkerWatcher` plays S3's part (it lists the versions of the data bucket's markers
+and emits the same event for each marker version it has not seen, however close together they
+were written), :func:`matches_rule` the rule's (its
 pattern is the stack's, :func:`infra.names.dataset_ready_pattern`), the
 starter's own :func:`initial_state` builds the input, and :class:`Executions` keeps execution
 names unique across runs of the twin (one JSON file per execution in the state folder).
@@ -172,19 +173,32 @@ class MarkerWatcher:
                             etag=(head.get("ETag") or "").strip('"') or None, time=when)
 
     def poll(self) -> list[dict[str, Any]]:
-        """Events for marker versions not seen before by this watcher."""
+        """Events for marker versions not seen before by this watcher, oldest first.
+
+        Every version counts, as S3 sends one event per object version: two markers written
+        between two polls start two runs, as they do in the cloud.
+        """
         events = []
         pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=DATASETS_PREFIX,
                                                                     Delimiter="/")
         for page in pages:
             for cp in page.get("CommonPrefixes", []):
-                event = self.marker(cp["Prefix"] + MARKER_NAME)
-                if event is None:
-                    continue
-                obj = event["detail"]["object"]
-                ident = (obj["key"], obj.get("version-id") or obj.get("etag") or "")
-                if ident in self._seen:
-                    continue
-                self._seen.add(ident)
-                events.append(event)
+                key = cp["Prefix"] + MARKER_NAME
+                for version in self._versions(key):
+                    ident = (key, version["VersionId"])
+                    if ident in self._seen:
+                        continue
+                    self._seen.add(ident)
+                    modified = version.get("LastModified")
+                    events.append(marker_event(
+                        self.bucket, key, version_id=version["VersionId"],
+                        etag=(version.get("ETag") or "").strip('"') or None,
+                        time=modified.strftime("%Y-%m-%dT%H:%M:%SZ") if modified else _now()))
         return events
+
+    def _versions(self, key: str) -> list[dict[str, Any]]:
+        """The versions of ``key`` (not delete markers), oldest first."""
+        found = []
+        for page in self.s3.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=key):
+            found += [v for v in page.get("Versions", []) if v.get("Key") == key]
+        return sorted(found, key=lambda v: (v.get("LastModified") is None, v.get("LastModified")))

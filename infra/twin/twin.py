@@ -7,14 +7,17 @@ turns each new ``_READY`` marker into one run of :data:`infra.pipeline.PIPELINE`
 the inference Lambda's handler behind a local API Gateway.
 
 The shipped reference model stands in for the cloud's "no model promoted yet": it is uploaded and
-pointed to when nothing else is, so the API answers from the start, and a trained model replaces
-it once it clears the gate's thresholds (it need not beat the reference, as a fresh stack's first
-model need not beat anything).
+pointed to when nothing else is, so the API answers from the start. When the dataset has a test/
+split, the Evaluate step scores a trained model and the reference on it and the gate keeps the
+reference unless the new model is non-inferior on the same images; without one, a trained model
+replaces the reference once it clears the thresholds on its own validation split (the two
+models' validation figures come from different splits and are not compared).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import mimetypes
@@ -111,6 +114,9 @@ class Twin:
         self.say = say
         self.state_dir = Path(options.state_dir).resolve()
         self.logs = self.state_dir / "logs"
+        # Working copies (training jobs' /opt/ml trees, model checks): emptied at every start, so
+        # nothing is left behind even by a twin that was killed.
+        self.tmp_dir = self.state_dir / "tmp"
         self.processes = ProcessGroup()
         self.cfg = infra_config.load()
         overrides = {"gate_thresholds": options.gate_thresholds,
@@ -138,6 +144,9 @@ class Twin:
     def start(self) -> Twin:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
+        for leftover in (self.tmp_dir, self.state_dir / "lambda-tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        self.tmp_dir.mkdir(parents=True)
         os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
         self.s3_server = SeaweedS3(self.state_dir / "seaweedfs", self.processes, self.logs).start()
         self.say(f"S3 (SeaweedFS)        {self.s3_server.endpoint}   data in {self.state_dir / 'seaweedfs'}")
@@ -148,6 +157,11 @@ class Twin:
         self._create_resources()
         self.api_key = self._api_key()
         self.ensure_model_in_service()
+        self.start_api()
+        return self
+
+    def start_api(self) -> LocalApiGateway:
+        """The local API Gateway and its execution environments (each a cold start of the function)."""
         self.gateway = LocalApiGateway(
             api_key=self.api_key, processes=self.processes, log_dir=self.logs, port=self.o.port,
             concurrency=self.o.concurrency,
@@ -161,7 +175,7 @@ class Twin:
                                           extra={"POWERTOOLS_SERVICE_NAME": self.cfg.service_name,
                                                  "POWERTOOLS_METRICS_NAMESPACE": self.cfg.metrics_namespace}),
         ).start()
-        return self
+        return self.gateway
 
     def stop(self) -> None:
         """Stop everything this twin started; safe to call twice and after a failed start."""
@@ -176,6 +190,7 @@ class Twin:
                 errors.append(exc)
         self.gateway = self.control = self.s3_server = None
         shutil.rmtree(self.state_dir / "lambda-tmp", ignore_errors=True)
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
         if errors:
             raise errors[0]
 
@@ -234,7 +249,8 @@ class Twin:
             gate = {**gate, "require_improvement": False}
         settings = Settings(data_bucket=self.data_bucket, artifacts_bucket=self.artifacts_bucket,
                             pointer_parameter=self.pointer_parameter, topic_arn=self.topic_arn,
-                            model_package_group=self.package_group, state_machine_arn="", gate=gate)
+                            model_package_group=self.package_group, state_machine_arn="", gate=gate,
+                            evaluation_dataset=self.cfg.evaluation_dataset_uri)
         return StepContext(settings, Clients(s3=self.s3, ssm=self.control.client("ssm"),
                                              sns=self.control.client("sns"),
                                              sagemaker=self.control.client("sagemaker")))
@@ -249,47 +265,94 @@ class Twin:
         return p is not None and p.model_uri == self.reference_uri
 
     def ensure_model_in_service(self) -> None:
-        """Point serving at the reference model when nothing (valid) is promoted yet."""
+        """Make sure some model can serve: the promoted one, else its previous one, else the reference.
+
+        The promoted archive is checked as serving loads it (downloaded, SHA-256 against the
+        pointer, unpacked, ``bundle.json`` read). When it fails, the pointer is left naming it, so
+        the execution environments keep retrying it, and they serve its ``previous`` model; when
+        that fails too (or there is none), the shipped reference model becomes the ``previous``.
+        """
         current = self.pointer()
         if current is not None:
-            if self._readable(current):
+            problem = self._problem(current)
+            if problem is None:
                 return
-            self.say(f"the promoted model {current.model_version} is no longer in S3; falling back to the reference")
-        ref = self.o.reference
-        if ref is None or not Path(ref).is_file():
-            self.say(f"no reference model at {ref}: the API answers 503 until a trained model is promoted")
+            self.say(f"the promoted model {current.model_version} cannot be loaded: {problem}")
+            if current.model_uri != self.reference_uri and current.previous is not None:
+                if self._problem(current.previous) is None:
+                    self.say(f"serving the previous model {current.previous.model_version} instead until it can "
+                             "(GET /health says so)")
+                    return
+        reference = self._reference_pointer()
+        if reference is None:
             return
-        try:
-            bundle = read_bundle(ref, unpack_to=self.state_dir / "reference-check")
-        except BundleError as exc:
-            self.say(f"the reference model {ref} is not a valid bundle ({exc}); the API answers 503 until a "
-                     "trained model is promoted")
-            return
-        finally:
-            shutil.rmtree(self.state_dir / "reference-check", ignore_errors=True)
-        sha = file_sha256(ref)
-        self.s3.upload_file(str(ref), self.artifacts_bucket, REFERENCE_KEY)
-        pointer = ModelPointer(model_uri=self.reference_uri, sha256=sha, model_version=bundle.version,
-                               promoted_at=_now(), reason=REFERENCE_REASON)
+        if current is not None and current.model_uri != self.reference_uri:
+            self.say("serving the shipped reference model instead until it can (GET /health says so)")
+            pointer = dataclasses.replace(current, previous=reference)
+        else:
+            pointer = reference
         self.control.client("ssm").put_parameter(Name=self.pointer_parameter, Value=pointer.to_json(),
                                                  Type="String", Overwrite=True)
         self.control.save()
 
-    def _readable(self, pointer: ModelPointer) -> bool:
-        if not pointer.model_uri.startswith("s3://"):
-            return Path(pointer.model_uri.removeprefix("file://")).exists()
-        bucket, _, key = pointer.model_uri[5:].partition("/")
+    def _reference_pointer(self) -> ModelPointer | None:
+        """The shipped reference model, uploaded to the artifacts bucket; None when it is unusable."""
+        ref = self.o.reference
+        if ref is None or not Path(ref).is_file():
+            self.say(f"no reference model at {ref}: the API answers 503 until a trained model is promoted")
+            return None
         try:
-            self.s3.head_object(Bucket=bucket, Key=key)
-        except self.s3.exceptions.ClientError:
-            return False
-        return True
+            bundle = read_bundle(ref, unpack_to=self.tmp_dir / "reference-check")
+        except BundleError as exc:
+            self.say(f"the reference model {ref} is not a valid bundle ({exc}); the API answers 503 until a "
+                     "trained model is promoted")
+            return None
+        finally:
+            shutil.rmtree(self.tmp_dir / "reference-check", ignore_errors=True)
+        sha = file_sha256(ref)
+        self.s3.upload_file(str(ref), self.artifacts_bucket, REFERENCE_KEY)
+        return ModelPointer(model_uri=self.reference_uri, sha256=sha, model_version=bundle.version,
+                            promoted_at=_now(), reason=REFERENCE_REASON)
+
+    def _problem(self, pointer: ModelPointer) -> str | None:
+        """Why serving could not load the archive ``pointer`` names, or None when it can."""
+        work = self.tmp_dir / "model-check"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            if pointer.model_uri.startswith("s3://"):
+                bucket, _, key = pointer.model_uri[5:].partition("/")
+                archive = work / ARCHIVE_NAME
+                try:
+                    self.s3.download_file(bucket, key, str(archive))
+                except self.s3.exceptions.ClientError as exc:
+                    return f"it is not in S3 ({exc.response.get('Error', {}).get('Code', 'error')})"
+            else:
+                archive = Path(pointer.model_uri.removeprefix("file://"))
+                if not archive.is_file():
+                    return "the file is missing"
+            if file_sha256(archive) != pointer.sha256:
+                return "its SHA-256 is not the pointer's"
+            read_bundle(archive, unpack_to=work / "bundle")
+        except (BundleError, OSError) as exc:
+            return f"it is not a valid model bundle ({exc})"
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return None
 
     def in_service(self) -> str:
         """Which model serves and why, in one sentence."""
         p = self.pointer()
         if p is None:
             return "no model is in service (nothing promoted and no reference model): the API answers 503"
+        if self.gateway is not None:
+            status, doc = self.request("GET", "/health", timeout=10)
+            if status == 200 and isinstance(doc, dict) and doc.get("fallback"):
+                fb = doc["fallback"]
+                return (f"{doc['model']['version']} as a fallback: the promoted model {fb['promoted_version']} "
+                        f"cannot be loaded (retried every minute; the Lambda log says why)")
+            if status != 200:
+                return f"no model can be loaded: the API answers {status} (the Lambda log says why)"
         if p.model_uri == self.reference_uri:
             return f"{p.model_version}, the shipped reference model (no trained model has cleared the gate yet)"
         return f"{p.model_version}, promoted {p.promoted_at} ({p.reason})"
@@ -352,7 +415,8 @@ class Twin:
         self.say(f"run {rid} started for dataset {dataset} (marker {state['run']['marker_key']})")
         train = LocalTrainingJob(hyperparameters=self.hyperparameters(), processes=self.processes,
                                  log_dir=self.logs / "training", max_runtime_seconds=self.cfg.max_runtime_seconds,
-                                 echo=self.o.echo_training, progress=self.o.interactive, say=self.say)
+                                 echo=self.o.echo_training, progress=self.o.interactive, say=self.say,
+                                 work_dir=self.tmp_dir)
         # An interruption (Ctrl-C) propagates and leaves the record RUNNING: the next start runs it again.
         execution = execute(state, self.context(), train=train)
         record = self.executions.finish(rid, execution.status, execution.state, execution.path)
