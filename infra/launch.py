@@ -28,6 +28,11 @@ import os
 import sys
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
+
+from shared.cli import HelpFormatter
+
+from .aws_errors import describe, error_code
 from .config import (
     CHECKPOINT_LOCAL_PATH,
     CHECKPOINTS_PREFIX,
@@ -47,13 +52,23 @@ class LaunchError(RuntimeError):
     pass
 
 
-def stack_outputs(cfn: Any, stack_name: str) -> dict[str, str]:
+def stack_outputs(cfn: Any, stack_name: str) -> dict[str, str] | None:
+    """The deployed stack's outputs (OutputKey -> OutputValue); None when no stack of that name exists.
+
+    Raises :class:`LaunchError` with the real reason when the stack cannot be read: no
+    credentials, rejected credentials, access denied, an unreachable endpoint or any other error.
+    """
     try:
         stacks = cfn.describe_stacks(StackName=stack_name)["Stacks"]
-    except Exception as exc:  # noqa: BLE001 - any failure means "no deployed stack to read from"
-        LOG.debug("no outputs from stack %s: %s", stack_name, exc)
-        return {}
-    return {o["OutputKey"]: o["OutputValue"] for o in (stacks[0].get("Outputs") or [])} if stacks else {}
+    except (ClientError, BotoCoreError) as exc:
+        if error_code(exc) == "ValidationError" and "does not exist" in str(exc):
+            return None
+        raise LaunchError(f"cannot read the outputs of the stack {stack_name}: {describe(exc, f'stack {stack_name}')}. "
+                          "Pass --role, --artifacts-bucket, --image-uri and --kms-key to launch without "
+                          "reading it") from None
+    if not stacks:
+        return None
+    return {o["OutputKey"]: o["OutputValue"] for o in (stacks[0].get("Outputs") or [])}
 
 
 def dataset_channels(s3: Any, dataset_uri: str) -> tuple[str, list[dict[str, Any]], str]:
@@ -129,17 +144,22 @@ def launch(args: argparse.Namespace, *, boto_session: Any = None) -> dict[str, A
     region = boto_session.region_name
     if not region:
         raise LaunchError("no AWS region: pass --region or set AWS_REGION")
-    outputs = stack_outputs(boto_session.client("cloudformation"), config.stack_name)
+    given_image = args.image_uri or config.training_image_uri
+    outputs: dict[str, str] | None = {}
+    if not (args.role and args.artifacts_bucket and given_image and args.kms_key):
+        outputs = stack_outputs(boto_session.client("cloudformation"), config.stack_name)
+    where = (f"no deployed stack {config.stack_name} in {region}" if outputs is None
+             else f"the stack {config.stack_name} in {region} has no such output")
+    outputs = outputs or {}
     role = args.role or outputs.get("SageMakerRoleArn")
     artifacts = args.artifacts_bucket or outputs.get("ArtifactsBucketName")
     kms_key = args.kms_key or outputs.get("DataKeyArn")
-    image_uri = args.image_uri or config.training_image_uri or outputs.get("TrainingImage")
+    image_uri = given_image or outputs.get("TrainingImage")
     if not image_uri:
-        raise LaunchError(f"no training image: deploy the stack {config.stack_name} (its TrainingImage output) or "
-                          "pass --image-uri")
+        raise LaunchError(f"no training image ({where}: TrainingImage): deploy the stack or pass --image-uri")
     if not role or not artifacts:
-        raise LaunchError(f"no deployed stack {config.stack_name} to read the role and artifacts bucket from: "
-                          "pass --role and --artifacts-bucket")
+        raise LaunchError(f"no role or artifacts bucket ({where}: SageMakerRoleArn, ArtifactsBucketName): "
+                          "deploy the stack or pass --role and --artifacts-bucket")
     s3 = boto_session.client("s3")
     name, input_channels, fingerprint = dataset_channels(s3, args.dataset)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
@@ -167,17 +187,21 @@ def launch(args: argparse.Namespace, *, boto_session: Any = None) -> dict[str, A
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m infra.launch", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", required=True, help="s3://<data bucket>/datasets/<name>/ (contract 1 layout)")
+    p = argparse.ArgumentParser(prog="python -m infra.launch", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--dataset", required=True,
+                   help="s3://<data bucket>/datasets/<name>/, as python -m infra.upload writes it")
     p.add_argument("--role", help="SageMaker execution role ARN (default: the stack's SageMakerRoleArn output)")
-    p.add_argument("--instance-type", help="override trainingInstanceType, e.g. ml.g5.xlarge or ml.m5.xlarge")
-    p.add_argument("--no-spot", action="store_true", help="on-demand capacity instead of managed spot")
+    p.add_argument("--instance-type", help="instance type, e.g. ml.g5.xlarge or ml.m5.xlarge (default: cdk.json trainingInstanceType)")
+    p.add_argument("--no-spot", action="store_true", help="on-demand capacity instead of managed spot (default: off: cdk.json useSpotInstances decides)")
     p.add_argument("--wait", action="store_true", help="stream the job's log and wait for it to end")
     p.add_argument("--job-name", help="training job name (default: derived from the dataset name)")
-    p.add_argument("--artifacts-bucket", help="default: the stack's ArtifactsBucketName output")
-    p.add_argument("--image-uri", help="training image (default: the stack's TrainingImage output)")
+    p.add_argument("--artifacts-bucket",
+                   help="bucket for the model and checkpoints (default: the stack's ArtifactsBucketName output)")
+    p.add_argument("--image-uri",
+                   help="training image (default: cdk.json trainingImageUri, else the stack's TrainingImage output)")
     p.add_argument("--kms-key", help="KMS key for the model artifacts (default: the stack's DataKeyArn output)")
-    p.add_argument("--region", help="AWS region (default: the AWS CLI's)")
+    p.add_argument("--region", help="AWS region (default: cdk.json's region, else the AWS CLI's)")
     p.add_argument("-c", "--context", action="append", default=[], metavar="KEY=VALUE",
                    help="override a cdk.json context value, as with cdk -c (repeatable)")
     return p
@@ -195,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         result = launch(args)
     except (LaunchError, ConfigError, StepError) as exc:
         print(f"launch: {exc}", file=sys.stderr)
+        return 1
+    except (ClientError, BotoCoreError) as exc:
+        print(f"launch: {describe(exc, args.dataset)}", file=sys.stderr)
         return 1
     for key, value in result.items():
         print(f"{key}: {value}")

@@ -1,4 +1,4 @@
-"""Upload a dataset to S3 in the layout training expects, marker last (contract 1).
+"""Upload a dataset of chest X-rays to S3 in the layout training expects, the _READY marker last.
 
     python -m infra.upload --data ../shared/data/chest_xray_224 --bucket my-data-bucket --name pneumonia-v1
     python -m infra.upload --data ./chest_xray --bucket b --name kaggle --endpoint-url http://127.0.0.1:8333
@@ -13,6 +13,10 @@ each upload also records its SHA-256 in the object's metadata and a HEAD compare
 fingerprint of the file list); that marker, and nothing else, starts training. An unchanged
 dataset keeps its marker, so re-running the command does not start a second run (``--retrain``
 rewrites it on purpose).
+
+A dataset too small for the training entrypoint to validate on is uploaded with a warning
+(:func:`shared.dataset.training_size_problem` gives the rule). A missing bucket, missing or rejected
+credentials or denied access end the command with one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -27,8 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.bundle import file_sha256
-from shared.dataset import MARKER_NAME, DatasetLayoutError, build_manifest, scan_directory
+from shared.cli import HelpFormatter
+from shared.dataset import (
+    MARKER_NAME,
+    DatasetLayoutError,
+    build_manifest,
+    scan_directory,
+    training_size_problem,
+)
 
+from .aws_errors import describe
 from .functions.common import DATASETS_PREFIX
 
 SHA256_METADATA = "sha256"  # x-amz-meta-sha256
@@ -77,6 +89,9 @@ def upload_dataset(data: Path, bucket: str, name: str, s3, workers: int = 8, ret
     layout.check()
     for k, n in layout.ignored_classes.items():
         log(f"ignoring {k} ({n} files): not a NORMAL/PNEUMONIA class folder or a train/val/test split")
+    too_small = training_size_problem(layout.counts())
+    if too_small:
+        log(f"warning: this dataset is too small to train and validate on: {too_small}")
     prefix = f"{DATASETS_PREFIX}{name}/"
     marker_key = prefix + MARKER_NAME
     there = existing_objects(s3, bucket, prefix)
@@ -123,7 +138,8 @@ def upload_dataset(data: Path, bucket: str, name: str, s3, workers: int = 8, ret
         bar.close()
     if failures:
         key, exc = failures[0]
-        raise RuntimeError(f"{len(failures)} uploads failed (first: {key}: {exc}); run the command again to resume. "
+        raise RuntimeError(f"{len(failures)} uploads failed (first: {key}: {describe(exc, f's3://{bucket}/{key}') or exc}); "
+                           "run the command again to resume. "
                            "The _READY marker was not written, so no training started.")
 
     manifest = build_manifest(name, layout, dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
@@ -142,21 +158,35 @@ def upload_dataset(data: Path, bucket: str, name: str, s3, workers: int = 8, ret
     return UploadResult(len(todo), skipped, marker_written, marker_key, manifest)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m infra.upload", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--data", type=Path, required=True,
+                    help="dataset root: train/NORMAL, train/PNEUMONIA, optionally val/ and test/ (Kaggle chest_xray layout)")
+    ap.add_argument("--bucket", required=True, help="the stack's data bucket (its DataBucketName output)")
+    ap.add_argument("--name", required=True, help="dataset name: the images go to s3://BUCKET/datasets/NAME/")
+    ap.add_argument("--endpoint-url", help="an S3-compatible endpoint such as the local twin's (default: AWS S3)")
+    ap.add_argument("--region", help="AWS region (default: the AWS CLI's, from AWS_REGION or ~/.aws/config)")
+    ap.add_argument("--workers", type=int, default=8, help="parallel uploads")
+    ap.add_argument("--retrain", action="store_true",
+                    help="rewrite the marker even if the dataset is unchanged, which starts a new training run")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, required=True, help="dataset root with train/ (and val/) class folders")
-    ap.add_argument("--bucket", required=True, help="the stack's data bucket")
-    ap.add_argument("--name", required=True, help="dataset name: s3://BUCKET/datasets/NAME/")
-    ap.add_argument("--endpoint-url", help="an S3-compatible endpoint (the local twin's server)")
-    ap.add_argument("--region")
-    ap.add_argument("--workers", type=int, default=8)
-    ap.add_argument("--retrain", action="store_true", help="rewrite the marker even if the dataset is unchanged")
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         r = upload_dataset(args.data, args.bucket, args.name, s3_client(args.endpoint_url, args.region),
-                           args.workers, args.retrain, progress=sys.stderr.isatty())
+                           args.workers, args.retrain, progress=sys.stderr.isatty(),
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
     except (DatasetLayoutError, RuntimeError) as exc:
         print(f"upload failed: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - an AWS failure is told in one line; anything else is a bug
+        reason = describe(exc, f"s3://{args.bucket}/")
+        if reason is None:
+            raise
+        print(f"upload failed: {reason}", file=sys.stderr)
         return 1
     print(f"{r.uploaded} uploaded, {r.skipped} already there; marker s3://{args.bucket}/{r.marker_key} "
           f"{'written' if r.marker_written else 'unchanged'}; counts {r.manifest['counts']}")

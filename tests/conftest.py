@@ -24,6 +24,20 @@ os.environ.setdefault("POWERTOOLS_METRICS_NAMESPACE", "CxrTests")
 os.environ.setdefault("POWERTOOLS_SERVICE_NAME", "cxr-inference")
 
 
+@pytest.fixture
+def no_aws_credentials(monkeypatch, tmp_path):
+    """An environment where botocore finds no credentials: no variables, empty config files, no metadata."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+                 "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN",
+                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                 "AWS_CREDENTIAL_EXPIRATION"):
+        monkeypatch.delenv(name, raising=False)
+    for name, file in (("AWS_SHARED_CREDENTIALS_FILE", "credentials"), ("AWS_CONFIG_FILE", "config")):
+        (tmp_path / file).write_text("")
+        monkeypatch.setenv(name, str(tmp_path / file))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
 def original_images() -> list[Path]:
     """The six full-size originals (3 per class)."""
     return sorted(ORIGINALS.glob("train/*/*.jpeg"))

@@ -121,3 +121,73 @@ def test_launch_needs_a_training_image(aws):
                                              "--artifacts-bucket", ARTIFACTS])
     with pytest.raises(launch.LaunchError, match="TrainingImage"):
         launch.launch(args, boto_session=aws)
+
+
+def _args(*extra):
+    return launch.build_parser().parse_args(["--dataset", f"s3://{DATA}/datasets/demo/", *extra])
+
+
+def _stubbed_cfn(code, message, status):
+    from botocore.stub import Stubber
+
+    cfn = boto3.client("cloudformation", region_name=REGION)
+    stub = Stubber(cfn)
+    stub.add_client_error("describe_stacks", service_error_code=code, service_message=message,
+                          http_status_code=status)
+    stub.activate()
+    return cfn
+
+
+def test_no_deployed_stack_is_said_as_such(aws):
+    stack = load().stack_name
+    assert launch.stack_outputs(aws.client("cloudformation"), stack) is None
+    with pytest.raises(launch.LaunchError, match=f"^no role or artifacts bucket \\(no deployed stack {stack} in "
+                                                  f"{REGION}: SageMakerRoleArn, ArtifactsBucketName\\)"):
+        launch.launch(_args("--image-uri", IMAGE), boto_session=aws)
+
+
+def test_access_denied_is_not_taken_for_a_missing_stack():
+    cfn = _stubbed_cfn("AccessDenied", "User: arn:aws:iam::123456789012:user/x is not authorized to perform: "
+                                       "cloudformation:DescribeStacks", 403)
+    with pytest.raises(launch.LaunchError) as err:
+        launch.stack_outputs(cfn, "cxr-stack")
+    text = str(err.value)
+    assert text.startswith("cannot read the outputs of the stack cxr-stack: access denied: the AWS credentials in use "
+                           "may not call DescribeStacks on stack cxr-stack (User: arn:aws:iam::123456789012:user/x is "
+                           "not authorized to perform: cloudformation:DescribeStacks)")
+    assert "no deployed stack" not in text
+
+
+def test_another_error_keeps_its_reason():
+    cfn = _stubbed_cfn("Throttling", "Rate exceeded", 400)
+    with pytest.raises(launch.LaunchError, match="^cannot read the outputs of the stack s: DescribeStacks failed on "
+                                                 "stack s: Throttling: Rate exceeded"):
+        launch.stack_outputs(cfn, "s")
+
+
+def test_missing_credentials_are_one_line(no_aws_credentials, capsys):
+    code = launch.main(["--dataset", f"s3://{DATA}/datasets/demo/", "--region", REGION])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        f"launch: cannot read the outputs of the stack {load().stack_name}: no AWS credentials found: run "
+        "`aws configure` or `aws sso login`, or set AWS_PROFILE (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY). "
+        "Pass --role, --artifacts-bucket, --image-uri and --kms-key to launch without reading it"]
+
+
+def test_a_missing_dataset_bucket_is_one_line(aws, capsys):
+    code = launch.main(["--dataset", "s3://no-such-data/datasets/demo/", "--role", ROLE,
+                        "--artifacts-bucket", ARTIFACTS, "--image-uri", IMAGE])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("launch: bucket no-such-data does not exist: check the bucket name "
+                                            "and the region")
+
+
+def test_given_every_stack_value_the_stack_is_not_read(aws):
+    cfn = _stubbed_cfn("AccessDenied", "denied", 403)  # would fail if called
+    original = aws.client
+    aws.client = lambda name, *a, **kw: cfn if name == "cloudformation" else original(name, *a, **kw)
+    args = _args("--role", ROLE, "--artifacts-bucket", ARTIFACTS, "--image-uri", IMAGE,
+                 "--kms-key", "arn:aws:kms:us-east-1:123456789012:key/k")
+    assert launch.launch(args, boto_session=aws)["job_name"].startswith("cxr-demo-")

@@ -81,6 +81,18 @@ def test_hyperparameters_decode_as_the_sagemaker_training_toolkit_does(raw, args
     assert to_cmd_args(user_hyperparameters(decode_hyperparameters(raw))) == args
 
 
+def test_the_entrypoint_reads_sagemakers_booleans_and_bare_flags():
+    from training_job.train import parse_args
+
+    args = to_cmd_args(user_hyperparameters(decode_hyperparameters(
+        {"tta": "true", "amp": "false", "pretrained": '"False"', "calibrate": "1"})))
+    assert args == ["--amp", "False", "--calibrate", "1", "--pretrained", "False", "--tta", "True"]
+    parsed = parse_args([*args, "--train", str(DATA_224 / "train")])
+    assert (parsed.tta, parsed.amp, parsed.pretrained, parsed.calibrate) == (True, False, False, True)
+    bare = parse_args(["--amp", "False", "--hflip", "--train", str(DATA_224 / "train")])
+    assert (bare.amp, bare.hflip) == (False, True)
+
+
 def test_the_stack_and_the_twin_deliver_the_same_command_line():
     config = load({"hyperparameters": json.dumps({"recipe": "gpu", "epochs": 3, "ema": True, "progress": "plain"})})
     encoded = config.training_hyperparameters()

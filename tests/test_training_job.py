@@ -201,6 +201,20 @@ def test_dashes_and_underscores_and_string_booleans_are_accepted():
     assert a.image_size == 96 and a.label_smoothing == 0.1 and a.tta is True and a.calibrate is False
 
 
+def test_booleans_are_flags_that_still_take_an_explicit_value():
+    from training_job.train import TrainingError, parse_args
+
+    train = str(DATA_224 / "train")
+    bare = parse_args(["--train", train, "--tta", "--epochs", "3", "--hflip", "--amp=false", "--calibrate", "no"])
+    assert (bare.tta, bare.hflip, bare.amp, bare.calibrate, bare.epochs) == (True, True, False, False, 3)
+    last = parse_args(["--train", train, "--recipe", "quick", "--pretrained"])
+    assert last.pretrained is True and last.architecture == "resnet10"
+    assert parse_args(["--train", train]).pretrained is True  # the default recipe's
+    assert parse_args(["--train", train, "--pretrained", "false"]).pretrained is False
+    with pytest.raises(TrainingError, match="--tta: expected true or false, got 'maybe'"):
+        parse_args(["--train", train, "--tta", "maybe"])
+
+
 def test_interrupted_job_resumes_from_its_checkpoint(tmp_path):
     opt_ml = tmp_path
     train = subset(opt_ml / "input" / "data" / "train", 30)

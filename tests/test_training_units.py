@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import DATA
 
-from shared.dataset import patient_key
+from shared.dataset import MIN_VAL_PER_CLASS, VAL_FRACTION, held_out_folds, patient_key, training_size_problem
 from shared.evaluation import metrics_at_threshold
 from shared.labels import CLASS_NAMES
 from training_job.data import Augment, group_ids, grouped_split
@@ -29,6 +29,25 @@ def test_grouped_split_on_the_real_file_list_never_shares_a_patient_or_duplicate
     assert not {digests[i] for i in keep} & {digests[i] for i in held}
     assert 0.12 < len(held) / len(rows) < 0.18
     assert abs(labels[held].mean() - labels.mean()) < 0.03  # stratified: same class balance
+
+
+def test_the_too_small_rule_matches_the_split_training_makes():
+    """At the rule's bound the patient-grouped split gives validation exactly --min-val-per-class per class."""
+    need = MIN_VAL_PER_CLASS * held_out_folds(VAL_FRACTION)
+    assert need == 140
+    labels = np.repeat([0, 1], need)
+    _, held = grouped_split(labels, np.arange(2 * need), VAL_FRACTION, seed=42)
+    assert np.bincount(labels[held]).tolist() == [MIN_VAL_PER_CLASS, MIN_VAL_PER_CLASS]
+    assert training_size_problem({"train": {"NORMAL": need, "PNEUMONIA": need}}) is None
+    assert training_size_problem({"train": {"NORMAL": need - 1, "PNEUMONIA": 4000}}) == (
+        "NORMAL 139, PNEUMONIA 4000 images: 1 in 7 is split off by patient to validate, about 19 per class, "
+        "fewer than 20; give 140 or more per class, or a val/ split with 20 or more per class")
+    # a val split below --min-val-per-class is merged into train: the pooled counts decide
+    assert training_size_problem({"train": {"NORMAL": 121, "PNEUMONIA": 200}, "val": {"NORMAL": 19, "PNEUMONIA": 8}}) is None
+    # a val split large enough validates as given; train then needs as many per class
+    assert training_size_problem({"train": {"NORMAL": 20, "PNEUMONIA": 20}, "val": {"NORMAL": 20, "PNEUMONIA": 20}}) is None
+    assert training_size_problem({"train": {"NORMAL": 19, "PNEUMONIA": 50}, "val": {"NORMAL": 20, "PNEUMONIA": 25}}) == (
+        "train/NORMAL has 19 images, fewer than the 20 per class of the val split: add training images")
 
 
 def test_metrics_at_threshold_known_case():

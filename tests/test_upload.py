@@ -72,3 +72,77 @@ def test_resume_works_where_etags_are_not_md5(s3, tmp_path, monkeypatch):
     monkeypatch.setattr(upload, "_md5", lambda path: "not-what-s3-reports")
     again = upload_dataset(data, "data", "kms", s3)
     assert (again.uploaded, again.skipped) == (0, 6)
+
+
+def run_main(capsys, *argv):
+    from infra.upload import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def failure_line(err: str) -> str:
+    """The one line that says why (after any notes), with no traceback."""
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert [ln for ln in lines if ln.startswith("upload failed")] == lines[-1:], err
+    return lines[-1]
+
+
+def test_a_bucket_that_does_not_exist_is_one_line(s3, tmp_path, capsys):
+    data = small_dataset(tmp_path / "ds", per_class=1)
+    code, out, err = run_main(capsys, "--data", str(data), "--bucket", "no-such-bucket", "--name", "demo",
+                              "--region", "us-east-1")
+    assert code == 1 and out == ""
+    assert failure_line(err) == "upload failed: bucket no-such-bucket does not exist: check the bucket name and the region"
+
+
+def test_missing_credentials_are_one_line(no_aws_credentials, tmp_path, capsys):
+    data = small_dataset(tmp_path / "ds", per_class=1)
+    code, _, err = run_main(capsys, "--data", str(data), "--bucket", "data", "--name", "demo", "--region", "us-east-1")
+    assert code == 1
+    assert failure_line(err) == ("upload failed: no AWS credentials found: run `aws configure` or `aws sso login`, "
+                                 "or set AWS_PROFILE (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+
+
+def test_access_denied_is_one_line(tmp_path, capsys, monkeypatch):
+    from botocore.stub import Stubber
+
+    import infra.upload as upload
+
+    client = boto3.client("s3", region_name="us-east-1")
+    stub = Stubber(client)
+    stub.add_client_error("list_objects_v2", service_error_code="AccessDenied", service_message="Access Denied",
+                          http_status_code=403)
+    monkeypatch.setattr(upload, "s3_client", lambda endpoint_url=None, region=None: client)
+    data = small_dataset(tmp_path / "ds", per_class=1)
+    with stub:
+        code, _, err = run_main(capsys, "--data", str(data), "--bucket", "theirs", "--name", "demo")
+    assert code == 1
+    assert failure_line(err) == ("upload failed: access denied: the AWS credentials in use may not call "
+                                 "ListObjectsV2 on s3://theirs/")
+
+
+def test_denied_uploads_keep_the_marker_unwritten(s3, tmp_path, monkeypatch):
+    from botocore.exceptions import ClientError
+
+    def denied(*_a, **_kw):
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "PutObject")
+
+    monkeypatch.setattr(s3, "upload_file", denied)
+    with pytest.raises(RuntimeError, match=r"^2 uploads failed \(first: datasets/demo/train/\w+/\S+: access denied: "
+                                           r"the AWS credentials in use may not call PutObject on s3://data/"):
+        upload_dataset(small_dataset(tmp_path / "ds", per_class=1), "data", "demo", s3, log=lambda _: None)
+    assert "Contents" not in s3.list_objects_v2(Bucket="data")
+
+
+def test_a_dataset_too_small_to_validate_on_uploads_with_a_warning(s3, tmp_path, capsys):
+    data = small_dataset(tmp_path / "ds", per_class=5)
+    code, out, err = run_main(capsys, "--data", str(data), "--bucket", "data", "--name", "demo")
+    assert code == 0 and out.startswith("10 uploaded, 0 already there")
+    warning = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warning == ["warning: this dataset is too small to train and validate on: NORMAL 5, PNEUMONIA 5 images: "
+                       "1 in 7 is split off by patient to validate, about 0 per class, fewer than 20; give 140 or "
+                       "more per class, or a val/ split with 20 or more per class"]
+    assert s3.head_object(Bucket="data", Key="datasets/demo/_READY")  # a warning, not a refusal

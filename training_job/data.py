@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.dataset import DatasetLayoutError, Layout, fingerprint, patient_key, scan_channel
+from shared.dataset import DatasetLayoutError, Layout, fingerprint, held_out_folds, patient_key, scan_channel
 from shared.imaging import FILE_EXTENSIONS, ImageError, decode_image
 from shared.labels import CLASS_NAMES
 from shared.preprocessing import PreprocessSpec, decode_min_side, to_model_pixels
@@ -134,7 +134,7 @@ def grouped_split(labels: np.ndarray, groups: np.ndarray, fraction: float, seed:
 
     if not 0.0 < fraction < 0.5:
         raise ValueError(f"a held-out fraction must be between 0 and 0.5, got {fraction}")
-    n_splits = max(2, int(round(1.0 / fraction)))
+    n_splits = held_out_folds(fraction)
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     keep, held = next(sgkf.split(np.zeros(len(labels)), labels, groups))
     return np.sort(keep), np.sort(held)

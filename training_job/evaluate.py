@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.bundle import BundleError, read_bundle
+from shared.cli import HelpFormatter
 from shared.dataset import DatasetLayoutError, scan_channel
 from shared.evaluation import format_with_ci, metrics_with_ci
 from shared.labels import CLASS_NAMES
@@ -71,13 +72,18 @@ def evaluate(bundle_path: Path, data: Path, out: Path, split: str | None = None,
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m training_job.evaluate", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--bundle", required=True, type=Path, help="bundle folder or model.tar.gz")
     ap.add_argument("--data", required=True, type=Path, help="folder with NORMAL/ and PNEUMONIA/, or a dataset root")
     ap.add_argument("--split", help="split folder to use under a dataset root (default: test, else val, else train)")
-    ap.add_argument("--out", type=Path, default=Path("runs/eval"))
-    args = ap.parse_args(argv)
+    ap.add_argument("--out", type=Path, default=Path("runs/eval"), help="folder for metrics.json and predictions.csv")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         m = evaluate(args.bundle, args.data, args.out, args.split, progress=sys.stderr.isatty())
     except (BundleError, DatasetLayoutError) as exc:

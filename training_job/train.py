@@ -39,7 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shared.dataset import DatasetLayoutError
+from shared.cli import HelpFormatter, add_bool, shown_default
+from shared.dataset import MIN_VAL_PER_CLASS, VAL_FRACTION, DatasetLayoutError
 from shared.imaging import ImageError
 from shared.labels import CLASS_NAMES
 from shared.preprocessing import PreprocessSpec
@@ -71,27 +72,37 @@ class _Parser(argparse.ArgumentParser):
         raise TrainingError(f"bad hyperparameters: {message}")
 
 
-def _bool(text: str) -> bool:
-    t = str(text).strip().lower()
-    if t in ("1", "true", "yes", "on"):
-        return True
-    if t in ("0", "false", "no", "off", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def _env_path(name: str, fallback: str | None) -> str | None:
     return os.environ.get(name) or fallback
 
 
+def _recipe_defaults(parser: argparse.ArgumentParser) -> None:
+    """State in each help line the default the default recipe gives, and what the other recipes change."""
+    default_recipe = parser.get_default("recipe")
+    for action in parser._actions:
+        if not any(action.dest in r for r in RECIPES.values()):
+            continue
+        values = {name: r.get(action.dest, action.default) for name, r in RECIPES.items()}
+        base = values[default_recipe]
+        others = ", ".join(f"{name}: {shown_default(v)}" for name, v in values.items() if v != base)
+        action.help = (f"{action.help} " if action.help else "") + (
+            f"(default: {shown_default(base)}" + (f"; --recipe {others}" if others else "") + ")")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="train.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="python -m training_job.train", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                formatter_class=HelpFormatter,
+                epilog="SageMaker runs this file with every hyperparameter as --key value; snake_case "
+                       "names (--image_size) are accepted as well as kebab-case ones (--image-size).")
     io = p.add_argument_group("data and outputs (SageMaker sets these through SM_* variables)")
     io.add_argument("--data", help="a dataset root holding train/ and optionally val/ (Kaggle chest_xray layout); "
                                    "an alternative to --train/--val")
-    io.add_argument("--train", default=_env_path("SM_CHANNEL_TRAIN", None), help="train channel: NORMAL/ and PNEUMONIA/ folders")
-    io.add_argument("--val", default=_env_path("SM_CHANNEL_VAL", None), help="optional validation channel")
+    io.add_argument("--train", default=_env_path("SM_CHANNEL_TRAIN", None),
+                    help="folder with NORMAL/ and PNEUMONIA/ images to train on (default: $SM_CHANNEL_TRAIN, "
+                         "SageMaker's 'train' input channel, else train/ under --data)")
+    io.add_argument("--val", default=_env_path("SM_CHANNEL_VAL", None),
+                    help="folder with NORMAL/ and PNEUMONIA/ images to validate on (default: $SM_CHANNEL_VAL, "
+                         "SageMaker's 'val' input channel, else val/ under --data, else split off --train)")
     io.add_argument("--model-dir", default=_env_path("SM_MODEL_DIR", "runs/model"), help="where the bundle is written")
     io.add_argument("--output-data-dir", default=_env_path("SM_OUTPUT_DATA_DIR", "runs/output/data"),
                     help="logs, per-image validation predictions, history")
@@ -99,39 +110,41 @@ def build_parser() -> argparse.ArgumentParser:
                     help="resumable checkpoints (SageMaker syncs /opt/ml/checkpoints to S3)")
 
     m = p.add_argument_group("model")
-    m.add_argument("--architecture", default="resnet10", choices=ARCHITECTURES)
+    m.add_argument("--architecture", default="resnet10", choices=ARCHITECTURES, help="network")
     m.add_argument("--width", type=int, default=32, help="first-stage channels of seed_cnn/resnet10; 0 = the architecture's default")
-    m.add_argument("--dropout", type=float, default=0.1)
-    m.add_argument("--pretrained", type=_bool, default=False,
-                   help="start from ImageNet weights: for efficientnet_lite0 the packaged ones (offline), for "
-                        "resnet18/34 torchvision's (downloaded: the job needs internet)")
-    m.add_argument("--image-size", type=int, help="network input side in px (each recipe sets its own)")
-    m.add_argument("--channels", type=int, default=1, choices=(1, 3))
-    m.add_argument("--resize", default="stretch", choices=("stretch", "letterbox", "center_crop"))
+    m.add_argument("--dropout", type=float, default=0.1, help="dropout before the classifier")
+    add_bool(m, "--pretrained", default=False,
+             help="start from ImageNet weights: for efficientnet_lite0 the packaged ones (offline), for "
+                  "resnet18/34 torchvision's (downloaded: the job needs internet)")
+    m.add_argument("--image-size", type=int, help="network input side in px")
+    m.add_argument("--channels", type=int, default=1, choices=(1, 3), help="input channels: 1 grey, 3 grey repeated")
+    m.add_argument("--resize", default="stretch", choices=("stretch", "letterbox", "center_crop"),
+                   help="how an image becomes a square network input")
 
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=20)
-    t.add_argument("--batch-size", type=int, default=64, help="per process")
-    t.add_argument("--optimizer", default="adamw", choices=("adamw", "adam"))
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--weight-decay", type=float, default=5e-4)
-    t.add_argument("--scheduler", default="onecycle", choices=("onecycle", "cosine", "none"))
+    t.add_argument("--epochs", type=int, default=20, help="passes over the training set")
+    t.add_argument("--batch-size", type=int, default=64, help="images per step, per process")
+    t.add_argument("--optimizer", default="adamw", choices=("adamw", "adam"), help="optimizer")
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    t.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
+    t.add_argument("--scheduler", default="onecycle", choices=("onecycle", "cosine", "none"),
+                   help="learning-rate schedule")
     t.add_argument("--warmup-epochs", type=float, default=1.0, help="cosine schedule warm-up")
-    t.add_argument("--label-smoothing", type=float, default=0.05)
+    t.add_argument("--label-smoothing", type=float, default=0.05, help="label smoothing of the cross-entropy loss")
     t.add_argument("--class-weighting", default="balanced", choices=("balanced", "none"),
                    help="weight the loss by inverse class frequency")
     t.add_argument("--augment", default="medium", choices=("none", "light", "medium", "strong", "acquisition"),
                    help="augmentation preset (training_job/data.py: Augment.preset)")
     t.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(alpha, alpha) parameter; 0 = off")
-    t.add_argument("--hflip", type=_bool, default=False, help="random horizontal flips (anatomy is asymmetric)")
+    add_bool(t, "--hflip", default=False, help="random horizontal flips (anatomy is asymmetric)")
     t.add_argument("--ema-decay", type=float, default=0.0, help="exponential moving average of weights, decay warmed up as min(d, (1+n)/(10+n)) over n updates; 0 = off")
-    t.add_argument("--tta", type=_bool, default=False, help="average predictions over a horizontal flip")
-    t.add_argument("--amp", type=_bool, default=True, help="mixed precision (CUDA only)")
-    t.add_argument("--seed", type=int, default=42)
+    add_bool(t, "--tta", default=False, help="average predictions over a horizontal flip")
+    add_bool(t, "--amp", default=True, help="mixed precision (CUDA only)")
+    t.add_argument("--seed", type=int, default=42, help="random seed (split, initial weights, augmentation)")
 
     v = p.add_argument_group("validation, calibration, decision")
-    v.add_argument("--val-fraction", type=float, default=0.15, help="patient-grouped split when no val channel")
-    v.add_argument("--min-val-per-class", type=int, default=20,
+    v.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="patient-grouped split when no val channel")
+    v.add_argument("--min-val-per-class", type=int, default=MIN_VAL_PER_CLASS,
                    help="a val channel smaller than this per class is merged into train and re-split by patient")
     v.add_argument("--threshold-policy", default="youden", choices=THRESHOLD_POLICIES,
                    help="how validation chooses the decision threshold: youden (maximise Youden's J), sensitivity "
@@ -139,19 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "probability of the class-balanced model, independent of the validation prevalence)")
     v.add_argument("--target-sensitivity", type=float, default=0.0,
                    help="choose the threshold reaching this validation sensitivity; 0 = maximise Youden's J")
-    v.add_argument("--calibrate", type=_bool, default=True, help="fit a softmax temperature on validation")
-
-    r = p.add_argument_group("run")
+    add_bool(v, "--calibrate", default=True, help="fit a softmax temperature on validation")
     v.add_argument("--select-metric", default="roc_auc", choices=("roc_auc", "loss", "accuracy"),
                    help="the validation figure that chooses the best epoch (ties: the lower validation loss)")
 
+    r = p.add_argument_group("run")
     r.add_argument("--recipe", default="cpu", choices=tuple(RECIPES),
                    help="a named set of defaults (training_job/recipes.py); other flags override it")
-    r.add_argument("--limit-per-class", type=int, default=0, help="use at most this many images per class (quick runs)")
+    r.add_argument("--limit-per-class", type=int, default=0,
+                   help="use at most this many images per class (quick runs); 0 = all")
     r.add_argument("--workers", type=int, default=4, help="decoding threads")
     r.add_argument("--processes-per-host", type=int, default=0,
                    help="DDP processes per host; 0 = one per GPU (SM_NUM_GPUS), else one")
-    r.add_argument("--progress", default="auto", choices=("auto", "bar", "plain"))
+    r.add_argument("--progress", default="auto", choices=("auto", "bar", "plain"),
+                   help="progress display: a bar, plain lines (logs), or auto (a bar on a terminal)")
+    _recipe_defaults(p)
     return p
 
 

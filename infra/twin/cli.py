@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shared.cli import TRUE_WORDS, HelpFormatter, add_bool
 from shared.dataset import DatasetLayoutError
 
 from .trigger import MarkerWatcher
@@ -37,7 +38,6 @@ from .twin import (
 )
 
 WATCH_INTERVAL = 2.0
-_TRUE = ("1", "true", "yes", "on")
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -47,38 +47,38 @@ def _key_value(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-def _bool(text: str) -> bool:
-    if text.strip().lower() in (*_TRUE, "false", "0", "no", "off"):
-        return text.strip().lower() in _TRUE
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m infra.twin", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m infra.twin",
+                                description="Run the whole flow on this machine (S3, the training pipeline, the "
+                                            "API on 127.0.0.1), then serve the API until Ctrl-C.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", type=Path, default=None,
-                   help=f"dataset root with train/{{NORMAL,PNEUMONIA}} (Kaggle chest_xray layout); default {DEFAULT_DATA}")
+                   help=f"dataset root with train/{{NORMAL,PNEUMONIA}} (Kaggle chest_xray layout); default: {DEFAULT_DATA}")
     p.add_argument("--dataset-name", help="name under datasets/ in the data bucket; default: the folder's name")
     p.add_argument("--port", type=int, default=0, help="the local API's port on 127.0.0.1; 0 picks a free one")
-    p.add_argument("--once", action="store_true", default=os.environ.get("ONCE", "").lower() in _TRUE,
+    p.add_argument("--once", action="store_true", default=os.environ.get("ONCE", "").strip().lower() in TRUE_WORDS,
                    help="stop everything after the run and a prediction (also env ONCE=1)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--full", dest="recipe", action="store_const", const="full", default="quick",
-                   help="the training entrypoint's default recipe on all the data (long on a CPU)")
+                   help="the same as --recipe full: the training entrypoint's default recipe on all the data (long on a CPU)")
     g.add_argument("--recipe", choices=sorted(RECIPES), default="quick",
                    help="quick: a subset and a narrow net, minutes on 2 cores; full: the entrypoint's defaults; "
                         "cloud: cdk.json's hyperparameters (sized for a GPU)")
-    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
-    p.add_argument("--limit-per-class", type=int, help="override the recipe's images per class (0 = all)")
+    p.add_argument("--epochs", type=int, help="passes over the training set (default: the recipe's)")
+    p.add_argument("--limit-per-class", type=int,
+                   help="use at most this many images per class, 0 = all (default: the recipe's)")
     p.add_argument("--hp", type=_key_value, action="append", default=[], metavar="NAME=VALUE",
-                   help="any other training hyperparameter (repeatable)")
+                   help="any other training hyperparameter, as in python -m training_job.train --help (repeatable)")
     p.add_argument("--retrain", action="store_true",
                    help="rewrite the _READY marker even if the dataset is unchanged, which starts a new run")
     p.add_argument("--gate-threshold", type=_key_value, action="append", default=[], metavar="METRIC=MIN",
-                   help="override one gate threshold from cdk.json (repeatable), e.g. roc_auc=0.95")
-    p.add_argument("--gate-require-improvement", type=_bool, metavar="BOOL",
-                   help="also require beating the promoted model (cdk.json gateRequireImprovement)")
-    p.add_argument("--gate-min-improvement", type=float, metavar="DELTA")
+                   help="the least a new model must score on one metric to be promoted, e.g. roc_auc=0.95 "
+                        "(repeatable; default: cdk.json gateThresholds)")
+    add_bool(p, "--gate-require-improvement", default=None,
+             help="also require beating the promoted model (default: cdk.json gateRequireImprovement)")
+    p.add_argument("--gate-min-improvement", type=float, metavar="DELTA",
+                   help="how much better than the promoted model a new one must be "
+                        "(default: cdk.json gateMinImprovement)")
     p.add_argument("--reference", type=Path, default=REFERENCE_MODEL,
                    help="the model.tar.gz that serves until a trained model is promoted")
     p.add_argument("--api-key", help="the key POST /predict requires; default: kept in the state folder")
@@ -90,7 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve-only", action="store_true",
                    help="start the servers and the API with the model in service; no upload, no training")
     p.add_argument("--quiet-training", action="store_true", help="keep the training job's output in its log file only")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def options_from(args: argparse.Namespace, data: Path | None, interactive: bool) -> TwinOptions:
