@@ -36,6 +36,10 @@ def no_aws_credentials(monkeypatch, tmp_path):
         (tmp_path / file).write_text("")
         monkeypatch.setenv(name, str(tmp_path / file))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    import boto3
+
+    # boto3's default session caches the credentials it resolved for an earlier test's clients.
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
 
 
 def original_images() -> list[Path]:

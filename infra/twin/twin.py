@@ -449,12 +449,19 @@ class Twin:
                             {"Content-Type": ctype, "x-api-key": self.api_key})
 
     def wait_for_model(self, version: str, timeout: float = 60.0) -> bool:
-        """True once the API answers with ``version`` (environments re-read the pointer every few seconds)."""
+        """True once every execution environment answers with ``version`` (each re-reads the pointer
+        every few seconds on its own): as many answers in a row as there are environments, which the
+        pool hands requests to in turn."""
         deadline = time.monotonic() + timeout
+        in_a_row = 0
         while time.monotonic() < deadline:
             status, doc = self.request("GET", "/health", timeout=10)
             if status == 200 and isinstance(doc, dict) and doc.get("model", {}).get("version") == version:
-                return True
+                in_a_row += 1
+                if in_a_row >= max(1, self.o.concurrency):
+                    return True
+                continue
+            in_a_row = 0
             time.sleep(0.5)
         return False
 
