@@ -1,15 +1,18 @@
 """Train a NORMAL-vs-PNEUMONIA classifier and write a model bundle.
 
-The SageMaker PyTorch container runs this file as ``python training_job/train.py --key value ...``
-(contract 2); the same command runs on a laptop with plain paths::
+The training image runs this file as ``python training_job/train.py --key value ...`` (SageMaker's
+hyperparameters); the same command runs on a laptop with plain paths::
 
     python -m training_job.train --data ../shared/data/chest_xray_224 --epochs 2
 
-Read top to bottom: arguments -> data (decode once, split by patient) -> model -> epochs
-(metric line each, checkpoints) -> best checkpoint -> temperature and threshold on validation ->
-report -> ONNX export checked against torch -> bundle. Any failure writes a one-line reason to
-``/opt/ml/output/failure`` (SageMaker shows it as the job's FailureReason) and exits non-zero,
-with no bundle left behind.
+Laid out as torchvision's classification reference is: this file holds the arguments, the
+SageMaker contract, the process launch and checkpoint resumption, and reads top to bottom:
+arguments -> data (``data.prepare_data``: decode once, split by patient) -> model (``models``) ->
+epochs (``engine.train_one_epoch`` and ``engine.evaluate``; a metric line each, checkpoints) ->
+outputs (``export.write_outputs``: best checkpoint, temperature and threshold on validation,
+report, out-of-distribution check, ONNX export checked against torch, bundle). Any failure writes
+a one-line reason to ``/opt/ml/output/failure`` (SageMaker shows it as the job's FailureReason)
+and exits non-zero, with no bundle left behind.
 """
 
 from __future__ import annotations
