@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the inference image runs (inference_lambda/Dockerfile)
+
+import numpy as np  # noqa: E402
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]

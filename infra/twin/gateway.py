@@ -571,6 +571,7 @@ def lambda_environment(*, s3_endpoint: str, control_endpoint: str, pointer_param
         "PYTHONPATH": str(ROOT),
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": str(threads),
+        "OPENBLAS_NUM_THREADS": "1",  # as the inference image sets it (inference_lambda/Dockerfile)
     })
     env.update(extra or {})
     return env
