@@ -105,13 +105,29 @@ def test_damaged_check_parameters_are_refused_at_load(checked_bundle, tmp_path):
         read_bundle(copy)
 
 
+def format_1_bundle(folder):
+    """The shipped reference model as a format-1 bundle: without the check's section and arrays."""
+    import json
+
+    from shared.bundle import BUNDLE_JSON, OOD_FILE
+
+    bundle = read_bundle(REFERENCE, unpack_to=folder)
+    meta = json.loads((bundle.root / BUNDLE_JSON).read_text())
+    meta.pop("ood", None)
+    meta["format_version"] = 1
+    (bundle.root / OOD_FILE).unlink(missing_ok=True)
+    (bundle.root / BUNDLE_JSON).write_text(json.dumps(meta))
+    return bundle.root
+
+
 def test_old_format_bundle_serves_with_the_check_unavailable(monkeypatch, tmp_path, originals):
     from inference_lambda import app
     from inference_lambda.config import Settings
     from inference_lambda.model_store import ModelStore
 
-    assert read_bundle(REFERENCE).meta["format_version"] == 1
-    settings = Settings(model_uri=str(REFERENCE), cache_dir=tmp_path / "cache")
+    old = format_1_bundle(tmp_path / "old")
+    assert read_bundle(old).meta["format_version"] == 1
+    settings = Settings(model_uri=str(old), cache_dir=tmp_path / "cache")
     monkeypatch.setattr(app, "settings", settings)
     monkeypatch.setattr(app, "store", ModelStore(settings))
     health = call(app, api_event("GET", "/health")).json()
