@@ -99,7 +99,7 @@ def comparison_line(comparison: dict[str, Any] | None, versus: str | None) -> st
     p = comparison.get("p_value")
     return (f"Against the model in service ({versus}) on the same {comparison['n']} images: {comparison['metric']} "
             f"{comparison['candidate']:.4f} vs {comparison['in_service']:.4f}, difference {comparison['difference']:+.4f} "
-            f"({ci}, paired permutation p={p if p is not None else float('nan'):.3g}); McNemar on the "
+            f"({ci}, paired bootstrap p={p if p is not None else float('nan'):.3g}); McNemar on the "
             f"{comparison['mcnemar']['candidate_only_correct'] + comparison['mcnemar']['in_service_only_correct']} "
             f"images labelled differently p={comparison['mcnemar']['p_value']:.3g}")
 
