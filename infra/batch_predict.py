@@ -22,6 +22,7 @@ import time
 import uuid
 from typing import Any
 
+from .aws_errors import describe
 from .functions.batch import run_locally
 from .functions.common import Clients, Settings, StepContext, parse_s3_uri, promoted_pointer
 from .promote import PromotionError, approved_models
@@ -120,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             result = run_cloud(session.client("stepfunctions"), session.client("cloudformation"), args.stack_name, job)
     except PromotionError as exc:
         print(f"batch not run: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - an AWS failure is told in one line; anything else is a bug
+        reason = describe(exc, args.input)
+        if reason is None:
+            raise
+        print(f"batch not run: {reason}", file=sys.stderr)
         return 1
     print(f"wrote {result['rows']} rows to {result['output_uri']}: {result['scored']} scored, "
           f"{result['refused']} refused (error_code says why)")

@@ -28,6 +28,7 @@ from typing import Any
 from shared.bundle import BundleError
 from shared.pointer import ModelPointer
 
+from .aws_errors import describe
 from .functions.common import download, promoted_pointer
 
 
@@ -176,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         new = move_pointer(s3, ssm, parameter, target, reason)
     except PromotionError as exc:
         print(f"nothing moved: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - an AWS failure is told in one line; anything else is a bug
+        reason = describe(exc)
+        if reason is None:
+            raise
+        print(f"nothing moved: {reason}", file=sys.stderr)
         return 1
     print(f"in service: {new.model_version} (was {new.previous.model_version if new.previous else 'nothing'}); "
           "serving switches within the pointer's refresh interval, no redeploy needed")

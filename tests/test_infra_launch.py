@@ -191,3 +191,15 @@ def test_given_every_stack_value_the_stack_is_not_read(aws):
     args = _args("--role", ROLE, "--artifacts-bucket", ARTIFACTS, "--image-uri", IMAGE,
                  "--kms-key", "arn:aws:kms:us-east-1:123456789012:key/k")
     assert launch.launch(args, boto_session=aws)["job_name"].startswith("cxr-demo-")
+
+
+def test_rollback_and_batch_commands_without_credentials_say_so_in_one_line(no_aws_credentials, monkeypatch, capsys):
+    from infra import batch_predict, promote
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    assert promote.main(["list"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nothing moved: no AWS credentials found") and "\n" not in err
+    assert batch_predict.main(["--input", "s3://data/in/", "--output", "s3://data/batch/out.csv"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("batch not run: no AWS credentials found") and "Traceback" not in err
