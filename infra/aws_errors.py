@@ -7,6 +7,7 @@ never a traceback or a Python repr.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from botocore.exceptions import (
@@ -77,3 +78,14 @@ def describe(exc: BaseException, resource: str = "") -> str | None:
         bucket = cause.response.get("Error", {}).get("BucketName") or resource or "the bucket"
         return f"bucket {bucket} does not exist: check the bucket name and the region"
     return f"{operation} failed{on}: {code or 'error'}: {message}".rstrip(": ")
+
+
+def report_aws_failure(exc: BaseException, prefix: str, resource: str = "") -> int:
+    """For a command's ``main``: print why an AWS call failed as one line on stderr
+    (``"<prefix>: <reason>"``) and return the exit status 1. Re-raises ``exc`` when it is not an AWS
+    error: that is a bug, and its traceback is for whoever fixes it."""
+    reason = describe(exc, resource)
+    if reason is None:
+        raise exc
+    print(f"{prefix}: {reason}", file=sys.stderr)
+    return 1

@@ -22,7 +22,7 @@ import time
 import uuid
 from typing import Any
 
-from .aws_errors import describe
+from .aws_errors import report_aws_failure
 from .functions.batch import run_locally
 from .functions.common import Clients, Settings, StepContext, parse_s3_uri, promoted_pointer
 from .promote import PromotionError, approved_models
@@ -123,11 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch not run: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - an AWS failure is told in one line; anything else is a bug
-        reason = describe(exc, args.input)
-        if reason is None:
-            raise
-        print(f"batch not run: {reason}", file=sys.stderr)
-        return 1
+        return report_aws_failure(exc, "batch not run", args.input)
     print(f"wrote {result['rows']} rows to {result['output_uri']}: {result['scored']} scored, "
           f"{result['refused']} refused (error_code says why)")
     return 0

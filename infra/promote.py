@@ -28,7 +28,7 @@ from typing import Any
 from shared.bundle import BundleError
 from shared.pointer import ModelPointer
 
-from .aws_errors import describe
+from .aws_errors import report_aws_failure
 from .functions.common import download, promoted_pointer
 
 
@@ -179,11 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nothing moved: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - an AWS failure is told in one line; anything else is a bug
-        reason = describe(exc)
-        if reason is None:
-            raise
-        print(f"nothing moved: {reason}", file=sys.stderr)
-        return 1
+        return report_aws_failure(exc, "nothing moved")
     print(f"in service: {new.model_version} (was {new.previous.model_version if new.previous else 'nothing'}); "
           "serving switches within the pointer's refresh interval, no redeploy needed")
     return 0

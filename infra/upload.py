@@ -40,7 +40,7 @@ from shared.dataset import (
     training_size_problem,
 )
 
-from .aws_errors import describe
+from .aws_errors import describe, report_aws_failure
 from .functions.common import DATASETS_PREFIX
 
 SHA256_METADATA = "sha256"  # x-amz-meta-sha256
@@ -183,11 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"upload failed: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - an AWS failure is told in one line; anything else is a bug
-        reason = describe(exc, f"s3://{args.bucket}/")
-        if reason is None:
-            raise
-        print(f"upload failed: {reason}", file=sys.stderr)
-        return 1
+        return report_aws_failure(exc, "upload failed", f"s3://{args.bucket}/")
     print(f"{r.uploaded} uploaded, {r.skipped} already there; marker s3://{args.bucket}/{r.marker_key} "
           f"{'written' if r.marker_written else 'unchanged'}; counts {r.manifest['counts']}")
     return 0
