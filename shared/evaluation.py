@@ -11,7 +11,7 @@ neither. The inference Lambda never imports this module.
 Confidence intervals are percentile bootstrap intervals (Efron & Tibshirani 1993, ch. 13) from
 ``scipy.stats.bootstrap`` with images resampled as (label, probability) pairs, a fixed seed and
 2,000 resamples by default, so a figure reproduces exactly. On 311 images an AUC interval is about
-±0.01 wide and an accuracy interval about ±0.03.
+±0.02 wide and an accuracy interval about ±0.03.
 """
 
 from __future__ import annotations
