@@ -160,13 +160,6 @@ def render(rows: list[dict], preamble: str = "") -> str:
             + ("\nNotes:\n" + notes if notes else ""))
 
 
-def legacy_row(r: dict) -> dict:
-    """Rows written before the dev half existed: held-out figures without intervals."""
-    if "ci" not in r.get("holdout", {"ci": 1}):
-        r = dict(r, holdout={**r["holdout"], "ci": {}})
-    return r
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python benchmarks/recipe_benchmark.py", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -224,9 +217,9 @@ def main() -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     with open(args.results / "recipes.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
-    rows = [legacy_row(json.loads(line)) for line in open(args.results / "recipes.jsonl")]
+    rows = [json.loads(line) for line in open(args.results / "recipes.jsonl")]
     (args.results / "recipes.md").write_text(render(rows))
-    print(table([legacy_row(row)]))
+    print(table([row]))
     print(policy_table([row]))
     return 1 if row.get("failed") else 0
 
