@@ -163,3 +163,46 @@ def test_weight_average_follows_a_short_run_instead_of_the_initial_weights():
     assert int(ema.module[1].num_batches_tracked) == 7
     assert ema_decay_at(0.999, 0) == 0.1 and ema_decay_at(0.999, 100_000) == 0.999
     assert ema_decay_at(0.999, 300) < 0.98
+
+
+def test_select_metric_chooses_the_best_epoch_by_its_own_figure():
+    from training_job.engine import is_better
+
+    best = {"epoch": 1, "val_auc": 0.95, "val_loss": 0.30, "val_acc": 0.90}
+    higher_auc_worse_loss = {"epoch": 2, "val_auc": 0.97, "val_loss": 0.40, "val_acc": 0.88}
+    assert is_better(higher_auc_worse_loss, best, "roc_auc")
+    assert not is_better(higher_auc_worse_loss, best, "loss")
+    assert not is_better(higher_auc_worse_loss, best, "accuracy")
+    tie = dict(best, epoch=3, val_loss=0.25)  # same AUC, lower loss: the tie goes to the lower loss
+    assert is_better(tie, best, "roc_auc")
+    assert is_better(best, {"epoch": 0}, "loss")  # nothing chosen yet
+
+
+def test_acquisition_augmentation_blurs_within_range_and_mixup_trains():
+    from training_job.data import Augment, _gaussian_blur
+
+    edge = torch.zeros(1, 1, 16, 16)
+    edge[..., 8:] = 255.0
+    blurred = _gaussian_blur(edge, 1.5)
+    assert blurred.shape == edge.shape and 0 < float(blurred[0, 0, 0, 7]) < 255 and float(blurred[0, 0, 0, 0]) == 0
+    x = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 255
+    out = Augment.preset("acquisition")(x.clone(), torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 255 and not torch.equal(out, x)
+
+    # mixup: a step on blended images and blended losses moves the weights and gives a finite loss
+    from shared.preprocessing import PreprocessSpec
+    from training_job.data import Split
+    from training_job.engine import train_one_epoch
+
+    torch.manual_seed(0)
+    split = Split(torch.randint(0, 255, (8, 32, 32), dtype=torch.uint8), torch.tensor([0, 1] * 4), [""] * 8,
+                  [""] * 8, [""] * 8)
+    model = build_model("seed_cnn", 1, 2, width=4)
+    before = [t.detach().clone() for t in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    total, count = train_one_epoch(
+        model, model, split, PreprocessSpec(size=32), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
+        torch.amp.GradScaler("cpu", enabled=False), torch.nn.CrossEntropyLoss(), None, None, [torch.arange(8)],
+        torch.device("cpu"), False, torch.Generator().manual_seed(2), mixup=0.4)
+    assert count == 8 and np.isfinite(total)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
