@@ -175,6 +175,9 @@ def main() -> int:
     ap.add_argument("--resume", action="store_true",
                     help="continue an interrupted run of the same name from its checkpoints (wall time then counts "
                          "only the resumed part)")
+    ap.add_argument("--checkpoints-from", metavar="RUN",
+                    help="start from the finished checkpoints of run RUN (under --work) to export it again with "
+                         "other post-training settings, such as --wise-alpha; wall time counts only the export")
     ap.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: hyperparameters for the entrypoint")
     args = ap.parse_args()
     extra = [a for a in args.train_args if a != "--"]
@@ -197,6 +200,8 @@ def main() -> int:
                "--progress", "plain", *extra]
         if not args.resume:
             shutil.rmtree(work / "checkpoints", ignore_errors=True)
+        if args.checkpoints_from:
+            shutil.copytree(args.work / args.checkpoints_from / "checkpoints", work / "checkpoints")
         print("+", " ".join(cmd), flush=True)
         done = subprocess.run(cmd, cwd=ROOT)
         if done.returncode != 0:

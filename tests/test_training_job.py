@@ -261,3 +261,34 @@ def test_metric_definitions_see_one_point_per_epoch_and_lr_keeps_its_digits(trai
     assert len(auc_points) == 3 and all(line.startswith("epoch=") for line in auc_points), auc_points
     lrs = [float(regex["lr"].search(line).group(1)) for line in auc_points]
     assert all(lr > 0 for lr in lrs) and all("e-" in line.split("lr=")[1] for line in auc_points), lrs
+
+
+def test_probed_run_exports_the_interpolated_weights_and_exports_again_without_training(tmp_path):
+    import torch
+
+    from training_job.engine import interpolate_weights
+
+    opt_ml = tmp_path
+    train = subset(opt_ml / "input" / "data" / "train", 24)
+    env = sm_env(opt_ml, train)
+    hp = ["--epochs", "1", "--architecture", "efficientnet_lite0", "--pretrained", "true", "--image_size", "64",
+          "--batch-size", "16", "--progress", "plain", "--workers", "2", "--linear-probe-c", "0.3"]
+    proc = run_entrypoint(opt_ml, env, *hp, "--wise-alpha", "0.5")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "linear probe (C=0.3) on the frozen pretrained features" in proc.stdout
+    assert "WiSE-FT: exporting 0.5 x the initial weights + 0.5 x epoch 1's" in proc.stdout
+    ckpt = opt_ml / "checkpoints"
+    initial, best, mixed = (torch.load(ckpt / f"{n}.pt", weights_only=False)["model"]
+                            for n in ("initial", "best", "interpolated"))
+    expected = interpolate_weights(initial, best, 0.5)
+    assert all(torch.equal(mixed[k], v) for k, v in expected.items())
+    assert not torch.equal(initial["head.weight"], best["head.weight"])  # training moved the probed head
+    hyper = read_bundle(opt_ml / "model").meta["provenance"]["hyperparameters"]
+    assert (hyper["linear_probe_c"], hyper["wise_alpha"]) == (0.3, 0.5)
+    first = (opt_ml / "model" / "model.onnx").read_bytes()
+
+    # The interpolation is applied after training: another value exports the finished run again.
+    again = run_entrypoint(opt_ml, env, *hp, "--wise-alpha", "1.0")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from checkpoint at epoch 1" in again.stdout and not METRIC_LINE.search(again.stdout)
+    assert "WiSE-FT" not in again.stdout and (opt_ml / "model" / "model.onnx").read_bytes() != first

@@ -206,3 +206,83 @@ def test_acquisition_augmentation_blurs_within_range_and_mixup_trains():
         torch.device("cpu"), False, torch.Generator().manual_seed(2), mixup=0.4)
     assert count == 8 and np.isfinite(total)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_linear_probe_head_gives_the_regressions_probability_and_separates_the_classes():
+    from sklearn.linear_model import LogisticRegression
+
+    from shared.preprocessing import PreprocessSpec, normalize
+    from training_job.data import Split
+    from training_job.engine import fit_linear_probe, pooled_features
+
+    # Bright images are PNEUMONIA, dark ones NORMAL: a linear rule on pooled features finds it.
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1] * 20)
+    pixels = (torch.rand(40, 32, 32, generator=g) * 80 + labels.view(-1, 1, 1) * 120).to(torch.uint8)
+    split = Split(pixels, labels, [""] * 40, [""] * 40, [""] * 40)
+    spec = PreprocessSpec(size=32)
+    torch.manual_seed(0)
+    model = build_model("seed_cnn", 1, 2, width=4)
+    features_before = pooled_features(model, split, spec, torch.device("cpu"))
+    result = fit_linear_probe(model, split, spec, torch.device("cpu"), c=1.0)
+    assert result["train_accuracy"] == 1.0
+    # The two-class head's softmax equals the regression's probability of the positive class.
+    reference = LogisticRegression(C=1.0, class_weight="balanced", max_iter=5000).fit(
+        features_before.double().numpy(), labels.numpy())
+    with torch.no_grad():
+        probs = torch.softmax(model(normalize(pixels, spec)), 1)[:, 1].double().numpy()
+    np.testing.assert_allclose(probs, reference.predict_proba(features_before.double().numpy())[:, 1], atol=1e-5)
+    # The features themselves are untouched: only the head was fitted.
+    torch.testing.assert_close(pooled_features(model, split, spec, torch.device("cpu")), features_before)
+    with pytest.raises(ValueError, match="must be positive"):
+        fit_linear_probe(model, split, spec, torch.device("cpu"), c=0.0)
+
+
+def test_weight_interpolation_mixes_floats_and_keeps_counters():
+    from training_job.engine import interpolate_weights
+
+    initial = {"w": torch.zeros(2, 3), "bn.running_var": torch.ones(2), "bn.num_batches_tracked": torch.tensor(0)}
+    final = {"w": torch.full((2, 3), 4.0), "bn.running_var": torch.full((2,), 3.0),
+             "bn.num_batches_tracked": torch.tensor(120)}
+    mixed = interpolate_weights(initial, final, 0.25)
+    torch.testing.assert_close(mixed["w"], torch.full((2, 3), 1.0))
+    torch.testing.assert_close(mixed["bn.running_var"], torch.full((2,), 1.5))
+    assert int(mixed["bn.num_batches_tracked"]) == 120
+    assert torch.equal(interpolate_weights(initial, final, 1.0)["w"], final["w"])
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        interpolate_weights(initial, final, 1.5)
+    with pytest.raises(ValueError, match="different networks"):
+        interpolate_weights({"w": initial["w"]}, final, 0.5)
+    with pytest.raises(ValueError, match="has shape"):
+        interpolate_weights(dict(initial, w=torch.zeros(3, 2)), final, 0.5)
+
+
+def test_probe_and_interpolation_need_pretrained_weights_and_valid_values():
+    from conftest import DATA_224
+
+    from training_job.train import TrainingError, parse_args
+
+    train = ["--train", str(DATA_224 / "train")]
+    cpu = parse_args(train)
+    assert (cpu.linear_probe_c, cpu.wise_alpha) == (0.0, 1.0)  # measured, not adopted (recipes.py)
+    probed = parse_args([*train, "--linear-probe-c", "0.3", "--wise-alpha", "0.5"])
+    assert (probed.pretrained, probed.linear_probe_c, probed.wise_alpha) == (True, 0.3, 0.5)
+    with pytest.raises(TrainingError, match="need --pretrained"):
+        parse_args([*train, "--architecture", "resnet10", "--wise-alpha", "0.5"])
+    with pytest.raises(TrainingError, match=r"wise-alpha must be in \(0, 1\]"):
+        parse_args([*train, "--wise-alpha", "0"])
+    with pytest.raises(TrainingError, match="linear-probe-c must be positive"):
+        parse_args([*train, "--linear-probe-c", "-1"])
+
+
+def test_interpolation_weight_is_left_out_of_the_checkpoint_key():
+    from conftest import DATA_224
+
+    from training_job.train import checkpoint_key, parse_args
+
+    info = {"fingerprint": "f"}
+    base = parse_args(["--train", str(DATA_224 / "train")])
+    other_alpha = parse_args(["--train", str(DATA_224 / "train"), "--wise-alpha", "0.8"])
+    other_probe = parse_args(["--train", str(DATA_224 / "train"), "--linear-probe-c", "0.05"])
+    assert checkpoint_key(base, info) == checkpoint_key(other_alpha, info)
+    assert checkpoint_key(base, info) != checkpoint_key(other_probe, info)

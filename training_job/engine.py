@@ -151,3 +151,67 @@ def softmax_positive(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray
     z = np.asarray(logits, dtype=np.float64) / temperature
     e = np.exp(z - z.max(1, keepdims=True))
     return (e / e.sum(1, keepdims=True))[:, POSITIVE_INDEX]
+
+
+@torch.no_grad()
+def pooled_features(model: nn.Module, split: D.Split, spec: PreprocessSpec, device: torch.device,
+                    batch: int = 128) -> torch.Tensor:
+    """The classifier head's input for every image of ``split``: N x K float32 on the CPU (the
+    network in eval mode, no augmentation, no dropout)."""
+    model.eval()
+    out = []
+    for i in range(0, len(split), batch):
+        x = normalize(split.pixels[i:i + batch].to(device), spec)
+        out.append(torch.flatten(model.pool(model.features(x)), 1).float().cpu())
+    return torch.cat(out) if out else torch.zeros((0, model.head.in_features))
+
+
+def fit_linear_probe(model: nn.Module, train: D.Split, spec: PreprocessSpec, device: torch.device, c: float) -> dict:
+    """Set ``model.head`` to a logistic regression on the frozen network's pooled features.
+
+    The first stage of LP-FT (Kumar et al., "Fine-Tuning can Distort Pretrained Features and
+    Underperform Out-of-Distribution", ICLR 2022): fine-tuning that starts from a fitted head
+    changes the pretrained features less than one that starts from a random head. The regression
+    is scikit-learn's L2-penalised ``LogisticRegression`` with inverse strength ``c`` (> 0) and
+    balanced class weights (as the training loss weights classes); its one log-odds vector w, b is
+    written as the two-class head ``[-w/2, w/2]``, ``[-b/2, b/2]``, whose softmax is the same
+    probability. Returns ``{"c", "train_accuracy", "seconds"}``. Raises ``ValueError`` when
+    ``c`` is not positive.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    if not c > 0:
+        raise ValueError(f"the linear probe's inverse regularisation strength must be positive, got {c}")
+    t0 = time.time()
+    x = pooled_features(model, train, spec, device).double().numpy()
+    y = train.labels.numpy()
+    clf = LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(x, y)
+    w = torch.as_tensor(clf.coef_[0], dtype=model.head.weight.dtype)
+    b = float(clf.intercept_[0])
+    sign = torch.tensor([-0.5, 0.5], dtype=w.dtype).view(2, 1) * (1 if POSITIVE_INDEX == 1 else -1)
+    with torch.no_grad():
+        model.head.weight.copy_((sign * w).to(model.head.weight.device))
+        model.head.bias.copy_((sign[:, 0] * b).to(model.head.bias.device))
+    return {"c": c, "train_accuracy": float(clf.score(x, y)), "seconds": time.time() - t0}
+
+
+def interpolate_weights(initial: dict[str, torch.Tensor], final: dict[str, torch.Tensor],
+                        alpha: float) -> dict[str, torch.Tensor]:
+    """WiSE-FT: ``(1 - alpha) * initial + alpha * final`` for every floating-point tensor of a
+    state dict (weights and batch-norm statistics); integer buffers (batch counters) come from
+    ``final``. Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022: the weight
+    average of a pretrained model and its fine-tuned self keeps more of the robustness to a
+    distribution shift than either end. ``alpha`` in [0, 1]; 1 returns ``final``. Raises
+    ``ValueError`` for an ``alpha`` outside [0, 1] or state dicts with different keys or shapes.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"the interpolation weight must be in [0, 1], got {alpha}")
+    if initial.keys() != final.keys():
+        raise ValueError("the initial and fine-tuned weights belong to different networks")
+    out = {}
+    for k, v in final.items():
+        w0 = initial[k]
+        if w0.shape != v.shape:
+            raise ValueError(f"weight {k} has shape {tuple(w0.shape)} initially and {tuple(v.shape)} after training")
+        out[k] = w0.to(v.dtype).mul(1.0 - alpha).add(v, alpha=alpha) if v.is_floating_point() else v.clone()
+    return out
