@@ -22,6 +22,7 @@ from shared.bundle import FORMAT_VERSION, BundleError, read_bundle
 from shared.imaging import decode_file, decode_image
 from shared.ood import CODE, NotAChestXray, check_dicom_header
 from shared.predictor import OnnxPredictor
+from training_job.ood import VIEW_DECISION
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import ood_corpus  # noqa: E402
@@ -84,7 +85,8 @@ def test_command_writes_the_current_format_with_cutoffs_from_validation(checked_
     assert ood["fitted_on"]["validation_images"] >= 20 and ood["fitted_on"]["training_images"] >= 200
     # 99.95th percentile of validation: at most one validation image in 2,000 above the cut-off.
     assert ood["fitted_on"]["validation_refused"] <= 2 / ood["fitted_on"]["validation_images"] + 1e-5
-    assert ood["cutoff"] > 0 and 0 < ood["view_cutoff"] < 1
+    assert ood["cutoff"] > 0 and 0 < ood["view_cutoff"] <= VIEW_DECISION
+    assert f"below {VIEW_DECISION}" in ood["cutoff_policy"]
     # the rest of the bundle is the reference model's, unchanged
     ref = read_bundle(REFERENCE)
     assert meta["onnx_sha256"] == ref.meta["onnx_sha256"] and meta["threshold"] == ref.threshold
