@@ -181,6 +181,13 @@ def main() -> int:
     ap.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: hyperparameters for the entrypoint")
     args = ap.parse_args()
     extra = [a for a in args.train_args if a != "--"]
+    if args.checkpoints_from:
+        source = args.work / args.checkpoints_from / "checkpoints"
+        if args.checkpoints_from == args.name or args.resume:
+            ap.error("--checkpoints-from starts a new run from another one's checkpoints: give a new --name, "
+                     "without --resume")
+        if not (source / "last.pt").is_file():
+            ap.error(f"--checkpoints-from: {source} holds no finished run's checkpoints")
 
     dev, held = holdout_split(args.data)
     work = args.work / args.name
@@ -202,6 +209,7 @@ def main() -> int:
             shutil.rmtree(work / "checkpoints", ignore_errors=True)
         if args.checkpoints_from:
             shutil.copytree(args.work / args.checkpoints_from / "checkpoints", work / "checkpoints")
+            # the entrypoint resumes them only if every training setting matches; otherwise it trains afresh
         print("+", " ".join(cmd), flush=True)
         done = subprocess.run(cmd, cwd=ROOT)
         if done.returncode != 0:

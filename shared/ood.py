@@ -23,9 +23,10 @@ Two layers, cheapest first:
      Model Robustness and Uncertainty", NeurIPS 2019.
 
    Each has a cut-off chosen on validation images, never on out-of-distribution examples: the
-   distance's is a high percentile of the validation X-rays' distances; the view's is the
-   classifier's own decision (upright probability below 0.5), or a low percentile of the validation
-   X-rays' upright probability where that is lower. An image is refused when either says so.
+   distance's is a high percentile of the validation X-rays' distances; the view's refuses an
+   upright frontal probability below 0.5 (more likely turned, inverted or cropped than not), or
+   below a low percentile of the validation X-rays' where that is lower. An image is refused when
+   either says so.
 
 Refusals are :class:`NotAChestXray` (an :class:`~shared.imaging.ImageError` with code
 ``not_a_chest_xray`` and HTTP status 422), so anything that already reports unusable images (the

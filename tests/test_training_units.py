@@ -269,6 +269,10 @@ def test_probe_and_interpolation_need_pretrained_weights_and_valid_values():
     assert (probed.pretrained, probed.linear_probe_c, probed.wise_alpha) == (True, 0.3, 0.5)
     with pytest.raises(TrainingError, match="need --pretrained"):
         parse_args([*train, "--architecture", "resnet10", "--wise-alpha", "0.5"])
+    with pytest.raises(TrainingError, match="wise-alpha below 1 needs --linear-probe-c"):
+        parse_args([*train, "--wise-alpha", "0.5"])
+    with pytest.raises(TrainingError, match="linear-probe-c must be positive"):
+        parse_args([*train, "--linear-probe-c", "nan"])
     with pytest.raises(TrainingError, match=r"wise-alpha must be in \(0, 1\]"):
         parse_args([*train, "--wise-alpha", "0"])
     with pytest.raises(TrainingError, match="linear-probe-c must be positive"):
@@ -281,8 +285,9 @@ def test_interpolation_weight_is_left_out_of_the_checkpoint_key():
     from training_job.train import checkpoint_key, parse_args
 
     info = {"fingerprint": "f"}
-    base = parse_args(["--train", str(DATA_224 / "train")])
-    other_alpha = parse_args(["--train", str(DATA_224 / "train"), "--wise-alpha", "0.8"])
-    other_probe = parse_args(["--train", str(DATA_224 / "train"), "--linear-probe-c", "0.05"])
+    probed = ["--train", str(DATA_224 / "train"), "--linear-probe-c", "0.3"]
+    base = parse_args(probed)
+    other_alpha = parse_args([*probed, "--wise-alpha", "0.8"])
+    other_probe = parse_args([*probed, "--linear-probe-c", "0.05"])
     assert checkpoint_key(base, info) == checkpoint_key(other_alpha, info)
     assert checkpoint_key(base, info) != checkpoint_key(other_probe, info)

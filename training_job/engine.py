@@ -166,16 +166,17 @@ def pooled_features(model: nn.Module, split: D.Split, spec: PreprocessSpec, devi
     return torch.cat(out) if out else torch.zeros((0, model.head.in_features))
 
 
-def fit_linear_probe(model: nn.Module, train: D.Split, spec: PreprocessSpec, device: torch.device, c: float) -> dict:
+def fit_linear_probe(model: nn.Module, train: D.Split, spec: PreprocessSpec, device: torch.device, c: float,
+                     balanced: bool = True) -> dict:
     """Set ``model.head`` to a logistic regression on the frozen network's pooled features.
 
     The first stage of LP-FT (Kumar et al., "Fine-Tuning can Distort Pretrained Features and
     Underperform Out-of-Distribution", ICLR 2022): fine-tuning that starts from a fitted head
     changes the pretrained features less than one that starts from a random head. The regression
-    is scikit-learn's L2-penalised ``LogisticRegression`` with inverse strength ``c`` (> 0) and
-    balanced class weights (as the training loss weights classes); its one log-odds vector w, b is
-    written as the two-class head ``[-w/2, w/2]``, ``[-b/2, b/2]``, whose softmax is the same
-    probability. Returns ``{"c", "train_accuracy", "seconds"}``. Raises ``ValueError`` when
+    is scikit-learn's L2-penalised ``LogisticRegression`` with inverse strength ``c`` (> 0), with
+    balanced class weights when ``balanced`` (as ``--class-weighting balanced`` weights the loss);
+    its log-odds of class index 1 against 0, w and b, is written as the two-class head
+    ``[-w/2, w/2]``, ``[-b/2, b/2]``, whose softmax gives the same probabilities. Returns ``{"c", "train_accuracy", "seconds"}``. Raises ``ValueError`` when
     ``c`` is not positive.
     """
     from sklearn.linear_model import LogisticRegression
@@ -185,10 +186,10 @@ def fit_linear_probe(model: nn.Module, train: D.Split, spec: PreprocessSpec, dev
     t0 = time.time()
     x = pooled_features(model, train, spec, device).double().numpy()
     y = train.labels.numpy()
-    clf = LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(x, y)
+    clf = LogisticRegression(C=c, class_weight="balanced" if balanced else None, max_iter=5000).fit(x, y)
     w = torch.as_tensor(clf.coef_[0], dtype=model.head.weight.dtype)
     b = float(clf.intercept_[0])
-    sign = torch.tensor([-0.5, 0.5], dtype=w.dtype).view(2, 1) * (1 if POSITIVE_INDEX == 1 else -1)
+    sign = torch.tensor([-0.5, 0.5], dtype=w.dtype).view(2, 1)
     with torch.no_grad():
         model.head.weight.copy_((sign * w).to(model.head.weight.device))
         model.head.bias.copy_((sign[:, 0] * b).to(model.head.bias.device))

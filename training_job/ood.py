@@ -36,10 +36,11 @@ from shared.preprocessing import PreprocessSpec
 # more than the product's target of accepting at least 99.5 % (benchmarks/results/ood.md).
 CUTOFF_PERCENTILE = 99.95
 # The view classifier's cut-off: the upright probability at 100 minus that percentile of validation,
-# but never above VIEW_DECISION, the classifier's own decision (an image more likely turned,
-# inverted or cropped than upright and frontal). Validation X-rays score 0.98-1.0, so the percentile
-# alone landed near the smallest validation value (0.987 for the reference model) and refused 5 of
-# 745 unseen X-rays at 0.95-0.985, while turned, inverted and cropped X-rays score below 0.1.
+# but never above VIEW_DECISION: an image the classifier finds more likely turned, inverted or
+# cropped than upright and frontal is refused however validation scored. Validation X-rays score
+# 0.98-1.0, so the percentile alone landed near the smallest validation value (0.987 for the
+# reference model) and refused 5 of 745 unseen X-rays at 0.95-0.985, while turned, inverted and
+# cropped X-rays score below 0.1.
 VIEW_DECISION = 0.5
 MAX_FIT_IMAGES = 6000  # more adds nothing to a K x K covariance for K <= 2048 but costs forward passes
 VIEW_IMAGES_PER_CLASS = 600  # training images turned into each non-frontal view for the view classifier

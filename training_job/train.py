@@ -145,9 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LP-FT: before fine-tuning, fit the head as a logistic regression on the frozen pretrained "
                         "features with this inverse L2 strength (scikit-learn's C); 0 = a random head. Needs --pretrained")
     t.add_argument("--wise-alpha", type=float, default=1.0,
-                   help="WiSE-FT: export (1 - a) x the initial weights + a x the fine-tuned ones; 1 = the fine-tuned "
-                        "weights as they are. Needs --pretrained. Not part of the checkpoint key: a finished run can "
-                        "be exported again with another value")
+                   help="WiSE-FT: export (1 - WISE_ALPHA) x the weights training started from + WISE_ALPHA x the "
+                        "fine-tuned ones; 1 = the fine-tuned weights as they are. Needs --linear-probe-c. Changing "
+                        "it keeps the checkpoints, so a finished run can be exported again with another value")
     add_bool(t, "--tta", default=False, help="average predictions over a horizontal flip")
     add_bool(t, "--amp", default=True, help="mixed precision (CUDA only)")
     t.add_argument("--seed", type=int, default=42, help="random seed (split, initial weights, augmentation)")
@@ -205,13 +205,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise TrainingError("target-sensitivity must be in [0, 1)")
     if args.target_sensitivity > 0 and args.threshold_policy == "youden":
         args.threshold_policy = "sensitivity"  # a target sensitivity names its policy
-    if args.linear_probe_c < 0:
+    if not args.linear_probe_c >= 0:
         raise TrainingError("linear-probe-c must be positive, or 0 for no linear probe")
     if not 0 < args.wise_alpha <= 1:
         raise TrainingError("wise-alpha must be in (0, 1]: the share of the fine-tuned weights in the exported model")
     if not args.pretrained and (args.linear_probe_c > 0 or args.wise_alpha < 1):
         raise TrainingError("linear-probe-c and wise-alpha start from or return toward pretrained weights: "
                             "they need --pretrained")
+    if args.wise_alpha < 1 and not args.linear_probe_c > 0:
+        raise TrainingError("wise-alpha below 1 needs --linear-probe-c: without a probed head the weights training "
+                            "started from end in a random classifier, and an average with it means nothing")
     if args.threshold_policy == "sensitivity" and not args.target_sensitivity > 0:
         raise TrainingError("threshold-policy sensitivity needs --target-sensitivity between 0 and 1")
     if args.data:
@@ -385,12 +388,11 @@ def run(args, dist_info: Dist) -> Path | None:
             log("checkpoint found but made with other data or settings; starting afresh")
 
     initial_path = ckpt_dir / "initial.pt"
-    if dist_info.main and start_epoch == 1 and args.pretrained:
+    if dist_info.main and start_epoch == 1 and args.linear_probe_c > 0:
         # DDP's constructor below hands rank 0's weights, the probed head included, to every process.
-        if args.linear_probe_c > 0:
-            lp = E.fit_linear_probe(model, train, spec, device, args.linear_probe_c)
-            log(f"linear probe (C={lp['c']:g}) on the frozen pretrained features: training accuracy "
-                f"{lp['train_accuracy']:.4f} in {lp['seconds']:.1f}s")
+        lp = E.fit_linear_probe(model, train, spec, device, args.linear_probe_c, args.class_weighting == "balanced")
+        log(f"linear probe (C={lp['c']:g}) on the frozen pretrained features: training accuracy "
+            f"{lp['train_accuracy']:.4f} in {lp['seconds']:.1f}s")
         save_checkpoint(initial_path, {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "key": key})
 
     ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
@@ -435,23 +437,23 @@ def run(args, dist_info: Dist) -> Path | None:
         return None
     export_path = best_path
     if args.wise_alpha < 1:
-        export_path = interpolated_checkpoint(args, model, initial_path, best_path, key, train, spec, device, log)
+        export_path = interpolated_checkpoint(args, initial_path, best_path, key, train, spec, device, log)
     return write_outputs(args, spec, model, export_path, val, info, history, best, started, device, log, train)
 
 
-def interpolated_checkpoint(args, model: nn.Module, initial_path: Path, best_path: Path, key: str, train: D.Split,
+def interpolated_checkpoint(args, initial_path: Path, best_path: Path, key: str, train: D.Split,
                             spec: PreprocessSpec, device, log) -> Path:
     """WiSE-FT (``--wise-alpha``): the best checkpoint averaged with the weights training started from.
 
-    Those are kept in ``initial.pt`` beside the checkpoints; a run resumed from checkpoints of an
-    older version that lack it builds them again (the pretrained weights and, with
-    ``--linear-probe-c``, the same deterministic probe). Returns the interpolated checkpoint's path."""
+    Those are kept in ``initial.pt`` beside the checkpoints. Where it is missing (removed, or not
+    synced back with the checkpoints) they are built again: the pretrained weights and the same
+    linear probe, which is deterministic on the same images (``--wise-alpha`` below 1 requires
+    ``--linear-probe-c``). Returns the interpolated checkpoint's path."""
     initial = torch.load(initial_path, map_location="cpu", weights_only=False) if initial_path.is_file() else None
     if initial is None or initial.get("key") != key:
         fresh = build_model(args.architecture, args.channels, len(CLASS_NAMES), args.width, args.dropout, True,
                             args.image_size).to(device)
-        if args.linear_probe_c > 0:
-            E.fit_linear_probe(fresh, train, spec, device, args.linear_probe_c)
+        E.fit_linear_probe(fresh, train, spec, device, args.linear_probe_c, args.class_weighting == "balanced")
         initial = {"model": {k: v.cpu() for k, v in fresh.state_dict().items()}, "key": key}
         save_checkpoint(initial_path, initial)
     best = torch.load(best_path, map_location="cpu", weights_only=False)
