@@ -127,6 +127,14 @@ def latency(bundle, warm: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def fitted_on(info: dict) -> str:
+    """The bundle's ``ood.fitted_on`` record as a sentence."""
+    return (f"fitted on {info.get('training_images', '?')} training images with "
+            f"{info.get('view_images_per_class', '?')} turned, inverted or cropped copies per view, cut-offs on "
+            f"{info.get('validation_images', '?')} validation images, of which {info.get('validation_refused', 0):.2%} "
+            "are refused")
+
+
 def run(bundle_path: Path, warm: int) -> str:
     bundle = read_bundle(bundle_path)
     predictor = OnnxPredictor(bundle)
@@ -134,7 +142,7 @@ def run(bundle_path: Path, warm: int) -> str:
         raise SystemExit(f"{bundle_path} carries no out-of-distribution check; fit one with python -m training_job.ood")
     lines = [f"# Out-of-distribution refusal: model {bundle.version}, check `{predictor.ood.meta.get('name')}`", "",
              f"Distance cut-off {predictor.ood.cutoff:.1f}, upright cut-off {predictor.ood.view_cutoff:.4f} "
-             f"({predictor.ood.meta.get('cutoff_policy')}; fitted on {predictor.ood.meta.get('fitted_on')}).", "",
+             f"({predictor.ood.meta.get('cutoff_policy')}; {fitted_on(predictor.ood.meta.get('fitted_on') or {})}).", "",
              "## Out-of-distribution corpus (`benchmarks/ood_corpus.py`, target >= 95 % refused per kind)", "",
              "| kind | refused / total | refused | 95 % CI | other outcomes |", "|---|---:|---:|---|---|"]
     all_k = all_n = 0
