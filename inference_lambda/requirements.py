@@ -9,11 +9,11 @@ image build needs neither the project's build backend nor its other extras. Rege
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 
+from infra.packaging import project_requirements
+
 ROOT = Path(__file__).resolve().parents[1]
-PYPROJECT = ROOT / "pyproject.toml"
 REQUIREMENTS = Path(__file__).resolve().parent / "requirements.txt"
 EXTRA = "serve"
 
@@ -24,17 +24,13 @@ HEADER = f"""\
 """
 
 
-def serve_requirements(pyproject: Path = PYPROJECT) -> list[str]:
-    project = tomllib.loads(pyproject.read_text())["project"]
-    reqs: list[str] = []
-    for req in [*project.get("dependencies", []), *project["optional-dependencies"][EXTRA]]:
-        if req not in reqs:
-            reqs.append(req)
-    return reqs
+def serve_requirements() -> list[str]:
+    """The pins the image installs: pyproject.toml's base dependencies, then the serve extra's."""
+    return project_requirements(EXTRA, root=ROOT)
 
 
-def render(pyproject: Path = PYPROJECT) -> str:
-    return HEADER + "".join(f"{r}\n" for r in serve_requirements(pyproject))
+def render() -> str:
+    return HEADER + "".join(f"{r}\n" for r in serve_requirements())
 
 
 def main() -> int:
