@@ -69,12 +69,17 @@ def make_schedule(args, optimizer, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+def _inputs(split: D.Split, spec: PreprocessSpec, device, batch: int):
+    """The split's images in order, ``batch`` at a time, as normalised network inputs on ``device``."""
+    for i in range(0, len(split), batch):
+        yield normalize(split.pixels[i:i + batch].to(device), spec)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, split: D.Split, spec: PreprocessSpec, device, batch: int, tta: bool) -> torch.Tensor:
     model.eval()
     out = []
-    for i in range(0, len(split), batch):
-        x = normalize(split.pixels[i:i + batch].to(device), spec)
+    for x in _inputs(split, spec, device, batch):
         logits = model(x).float()
         if tta:
             logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
@@ -159,10 +164,7 @@ def pooled_features(model: nn.Module, split: D.Split, spec: PreprocessSpec, devi
     """The classifier head's input for every image of ``split``: N x K float32 on the CPU (the
     network in eval mode, no augmentation, no dropout)."""
     model.eval()
-    out = []
-    for i in range(0, len(split), batch):
-        x = normalize(split.pixels[i:i + batch].to(device), spec)
-        out.append(torch.flatten(model.pool(model.features(x)), 1).float().cpu())
+    out = [torch.flatten(model.pool(model.features(x)), 1).float().cpu() for x in _inputs(split, spec, device, batch)]
     return torch.cat(out) if out else torch.zeros((0, model.head.in_features))
 
 
@@ -176,8 +178,8 @@ def fit_linear_probe(model: nn.Module, train: D.Split, spec: PreprocessSpec, dev
     is scikit-learn's L2-penalised ``LogisticRegression`` with inverse strength ``c`` (> 0), with
     balanced class weights when ``balanced`` (as ``--class-weighting balanced`` weights the loss);
     its log-odds of class index 1 against 0, w and b, is written as the two-class head
-    ``[-w/2, w/2]``, ``[-b/2, b/2]``, whose softmax gives the same probabilities. Returns ``{"c", "train_accuracy", "seconds"}``. Raises ``ValueError`` when
-    ``c`` is not positive.
+    ``[-w/2, w/2]``, ``[-b/2, b/2]``, whose softmax gives the same probabilities. Returns
+    ``{"c", "train_accuracy", "seconds"}``. Raises ``ValueError`` when ``c`` is not positive.
     """
     from sklearn.linear_model import LogisticRegression
 
