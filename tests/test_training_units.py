@@ -291,3 +291,53 @@ def test_interpolation_weight_is_left_out_of_the_checkpoint_key():
     other_probe = parse_args([*probed, "--linear-probe-c", "0.05"])
     assert checkpoint_key(base, info) == checkpoint_key(other_alpha, info)
     assert checkpoint_key(base, info) != checkpoint_key(other_probe, info)
+
+
+def test_backbone_learns_at_its_share_of_the_rate_through_the_whole_schedule():
+    from types import SimpleNamespace
+
+    from training_job.engine import make_schedule, parameter_groups
+
+    model = build_model("resnet10", width=8)
+    head, rest = parameter_groups(model, 1e-3, 0.1)
+    assert head["lr"] == pytest.approx(1e-3) and rest["lr"] == pytest.approx(1e-4)
+    ids = [id(q) for g in (head, rest) for q in g["params"]]
+    assert sorted(ids) == sorted(id(q) for q in model.parameters())  # every parameter once
+    assert {id(q) for q in head["params"]} == {id(model.head.weight), id(model.head.bias)}
+    assert len(parameter_groups(model, 1e-3, 1.0)) == 1
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="backbone_lr_scale"):
+            parameter_groups(model, 1e-3, bad)
+
+    args = SimpleNamespace(epochs=2, lr=1e-3, scheduler="onecycle", warmup_epochs=0)
+    opt = torch.optim.AdamW(parameter_groups(model, 1e-3, 0.1), lr=1e-3)
+    sched = make_schedule(args, opt, steps_per_epoch=10)
+    peaks = [0.0, 0.0]
+    for _ in range(20):
+        lrs = [g["lr"] for g in opt.param_groups]
+        assert lrs[1] == pytest.approx(0.1 * lrs[0])
+        peaks = [max(p, x) for p, x in zip(peaks, lrs, strict=True)]
+        opt.step()
+        sched.step()
+    assert peaks == [pytest.approx(1e-3), pytest.approx(1e-4)]
+
+
+def test_backbone_rate_needs_pretrained_weights_and_keeps_earlier_checkpoint_keys():
+    from conftest import DATA_224
+
+    from training_job.train import TrainingError, checkpoint_key, parse_args
+
+    train = ["--train", str(DATA_224 / "train")]
+    assert parse_args(train).backbone_lr_scale == 1.0
+    assert parse_args([*train, "--backbone-lr-scale", "0.1"]).backbone_lr_scale == 0.1
+    with pytest.raises(TrainingError, match="needs --pretrained"):
+        parse_args([*train, "--architecture", "resnet10", "--backbone-lr-scale", "0.1"])
+    for bad in ("0", "2", "nan"):
+        with pytest.raises(TrainingError, match=r"backbone-lr-scale must be in \(0, 1\]"):
+            parse_args([*train, "--backbone-lr-scale", bad])
+    info = {"fingerprint": "f"}
+    default = parse_args(train)
+    before = parse_args(train)
+    del before.backbone_lr_scale  # a run from before the option existed
+    assert checkpoint_key(default, info) == checkpoint_key(before, info)
+    assert checkpoint_key(default, info) != checkpoint_key(parse_args([*train, "--backbone-lr-scale", "0.5"]), info)

@@ -56,10 +56,29 @@ def ema_update_fn(decay: float):
     return update
 
 
+def parameter_groups(model: nn.Module, lr: float, backbone_lr_scale: float = 1.0) -> list[dict]:
+    """The optimiser's parameter groups: the classifier head (``model.head``) at ``lr``, the rest of
+    the network at ``lr * backbone_lr_scale`` (discriminative fine-tuning: Howard & Ruder, "Universal
+    Language Model Fine-tuning for Text Classification", ACL 2018). A scale of 1 gives one group.
+
+    ``lr`` > 0 and ``backbone_lr_scale`` in (0, 1]; raises ``ValueError`` otherwise.
+    """
+    if not lr > 0 or not 0 < backbone_lr_scale <= 1:
+        raise ValueError(f"need lr > 0 and backbone_lr_scale in (0, 1], got {lr} and {backbone_lr_scale}")
+    if backbone_lr_scale == 1:
+        return [{"params": list(model.parameters()), "lr": lr}]
+    head = {id(q) for q in model.head.parameters()}
+    return [{"params": list(model.head.parameters()), "lr": lr},
+            {"params": [q for q in model.parameters() if id(q) not in head], "lr": lr * backbone_lr_scale}]
+
+
 def make_schedule(args, optimizer, steps_per_epoch: int):
+    """The learning-rate schedule over ``args.epochs`` epochs; each parameter group peaks at its own
+    ``lr`` (see :func:`parameter_groups`)."""
     total = args.epochs * steps_per_epoch
     if args.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total, pct_start=0.2)
+        peaks = [g["lr"] for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total, pct_start=0.2)
     if args.scheduler == "cosine":
         warm = max(1, int(args.warmup_epochs * steps_per_epoch))
         return torch.optim.lr_scheduler.SequentialLR(optimizer, [

@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WiSE-FT: export (1 - WISE_ALPHA) x the weights training started from + WISE_ALPHA x the "
                         "fine-tuned ones; 1 = the fine-tuned weights as they are. Needs --linear-probe-c. Changing "
                         "it keeps the checkpoints, so a finished run can be exported again with another value")
+    t.add_argument("--backbone-lr-scale", type=float, default=1.0,
+                   help="discriminative fine-tuning: every layer but the classifier head learns at LR x this "
+                        "(0 < scale <= 1; 1 = one learning rate). Needs --pretrained")
     add_bool(t, "--tta", default=False, help="average predictions over a horizontal flip")
     add_bool(t, "--amp", default=True, help="mixed precision (CUDA only)")
     t.add_argument("--seed", type=int, default=42, help="random seed (split, initial weights, augmentation)")
@@ -212,6 +215,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if not args.pretrained and (args.linear_probe_c > 0 or args.wise_alpha < 1):
         raise TrainingError("linear-probe-c and wise-alpha start from or return toward pretrained weights: "
                             "they need --pretrained")
+    if not 0 < args.backbone_lr_scale <= 1:
+        raise TrainingError("backbone-lr-scale must be in (0, 1]: the backbone's share of the learning rate")
+    if args.backbone_lr_scale < 1 and not args.pretrained:
+        raise TrainingError("backbone-lr-scale below 1 slows the pretrained layers: it needs --pretrained")
     if args.wise_alpha < 1 and not args.linear_probe_c > 0:
         raise TrainingError("wise-alpha below 1 needs --linear-probe-c: without a probed head the weights training "
                             "started from end in a random classifier, and an average with it means nothing")
@@ -307,6 +314,8 @@ def checkpoint_key(args, info: dict) -> str:
     skip = {"checkpoint_dir", "model_dir", "output_data_dir", "progress", "workers", "train", "val", "data",
             "wise_alpha"}  # applied after training, to the checkpoints
     hp = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
+    if hp.get("backbone_lr_scale") == 1.0:  # at its default it leaves the key of runs from before it existed
+        del hp["backbone_lr_scale"]
     return hashlib.sha256(json.dumps([hp, info["fingerprint"]], sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -342,7 +351,8 @@ def run(args, dist_info: Dist) -> Path | None:
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = opt_cls(E.parameter_groups(model, args.lr, args.backbone_lr_scale), lr=args.lr,
+                        weight_decay=args.weight_decay)
     per_rank = math.ceil(len(train) / dist_info.world)
     steps_per_epoch = max(1, per_rank // args.batch_size)
     scheduler = E.make_schedule(args, optimizer, steps_per_epoch)
