@@ -7,9 +7,9 @@ defaults), so there is one default per recipe and not one per caller.
   fine-tuned at 160 px; sized to train in under an hour on 2 CPU cores and judged on new patients
   (the dev half of the official test split) with ``benchmarks/recipe_benchmark.py``: see
   ``benchmarks/results/recipes.md`` for every run tried, the losing ones included. A linear-probe
-  head before fine-tuning (``--linear-probe-c``) and averaging the fine-tuned weights with the
-  starting ones (``--wise-alpha``) were measured there and are not part of it: neither held up
-  across runs.
+  head before fine-tuning (``--linear-probe-c``), averaging the fine-tuned weights with the
+  starting ones (``--wise-alpha``) and a slower learning rate for the pretrained layers
+  (``--backbone-lr-scale``) were measured there and are not part of it: none held up.
 - ``gpu``: the same network at 224 px with longer training for a SageMaker GPU instance
   (ml.g4dn.xlarge, one T4). The stack's default hyperparameters use it.
 - ``quick``: the local twin's preset: a narrow ResNet-10 from scratch at 128 px on 400 images per
