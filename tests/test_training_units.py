@@ -340,4 +340,22 @@ def test_backbone_rate_needs_pretrained_weights_and_keeps_earlier_checkpoint_key
     before = parse_args(train)
     del before.backbone_lr_scale  # a run from before the option existed
     assert checkpoint_key(default, info) == checkpoint_key(before, info)
-    assert checkpoint_key(default, info) != checkpoint_key(parse_args([*train, "--backbone-lr-scale", "0.5"]), info)
+    slower = parse_args([*train, "--backbone-lr-scale", "0.5"])
+    assert checkpoint_key(default, info) != checkpoint_key(slower, info)
+
+
+def test_the_optimizer_training_builds_gives_the_backbone_its_share_of_the_rate():
+    from conftest import DATA_224
+
+    from training_job.engine import make_optimizer
+    from training_job.train import parse_args
+
+    train = ["--train", str(DATA_224 / "train"), "--lr", "2e-3", "--weight-decay", "0.01"]
+    model = build_model("efficientnet_lite0", pretrained=False, image_size=64)
+    slower = make_optimizer(parse_args([*train, "--backbone-lr-scale", "0.25"]), model)
+    assert type(slower) is torch.optim.AdamW
+    assert [g["lr"] for g in slower.param_groups] == [pytest.approx(2e-3), pytest.approx(5e-4)]
+    assert [g["weight_decay"] for g in slower.param_groups] == [0.01, 0.01]
+    assert sum(len(g["params"]) for g in slower.param_groups) == len(list(model.parameters()))
+    one = make_optimizer(parse_args([*train, "--optimizer", "adam"]), model)
+    assert type(one) is torch.optim.Adam and len(one.param_groups) == 1

@@ -72,6 +72,15 @@ def parameter_groups(model: nn.Module, lr: float, backbone_lr_scale: float = 1.0
             {"params": [q for q in model.parameters() if id(q) not in head], "lr": lr * backbone_lr_scale}]
 
 
+def make_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW or Adam (``args.optimizer``) over :func:`parameter_groups` of ``model`` with
+    ``args.lr``, ``args.backbone_lr_scale`` and ``args.weight_decay``. AdamW's decoupled weight decay
+    is scaled by each group's learning rate, so a slower backbone also decays more slowly."""
+    opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    return opt_cls(parameter_groups(model, args.lr, args.backbone_lr_scale), lr=args.lr,
+                   weight_decay=args.weight_decay)
+
+
 def make_schedule(args, optimizer, steps_per_epoch: int):
     """The learning-rate schedule over ``args.epochs`` epochs; each parameter group peaks at its own
     ``lr`` (see :func:`parameter_groups`)."""

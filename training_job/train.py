@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "it keeps the checkpoints, so a finished run can be exported again with another value")
     t.add_argument("--backbone-lr-scale", type=float, default=1.0,
                    help="discriminative fine-tuning: every layer but the classifier head learns at LR x this "
-                        "(0 < scale <= 1; 1 = one learning rate). Needs --pretrained")
+                        "(0 < scale <= 1; 1 = one learning rate); the logged lr stays the head's. Needs --pretrained")
     add_bool(t, "--tta", default=False, help="average predictions over a horizontal flip")
     add_bool(t, "--amp", default=True, help="mixed precision (CUDA only)")
     t.add_argument("--seed", type=int, default=42, help="random seed (split, initial weights, augmentation)")
@@ -350,9 +350,7 @@ def run(args, dist_info: Dist) -> Path | None:
     model.to(device)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
-    opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(E.parameter_groups(model, args.lr, args.backbone_lr_scale), lr=args.lr,
-                        weight_decay=args.weight_decay)
+    optimizer = E.make_optimizer(args, model)
     per_rank = math.ceil(len(train) / dist_info.world)
     steps_per_epoch = max(1, per_rank // args.batch_size)
     scheduler = E.make_schedule(args, optimizer, steps_per_epoch)
