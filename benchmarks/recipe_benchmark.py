@@ -208,7 +208,7 @@ def main() -> int:
         if not args.resume:
             shutil.rmtree(work / "checkpoints", ignore_errors=True)
         if args.checkpoints_from:
-            shutil.copytree(args.work / args.checkpoints_from / "checkpoints", work / "checkpoints")
+            shutil.copytree(source, work / "checkpoints")
             # the entrypoint resumes them only if every training setting matches; otherwise it trains afresh
         print("+", " ".join(cmd), flush=True)
         done = subprocess.run(cmd, cwd=ROOT)

@@ -213,7 +213,7 @@ def test_linear_probe_head_gives_the_regressions_probability_and_separates_the_c
 
     from shared.preprocessing import PreprocessSpec, normalize
     from training_job.data import Split
-    from training_job.engine import fit_linear_probe, pooled_features
+    from training_job.engine import fit_linear_probe, head_features
 
     # Bright images are PNEUMONIA, dark ones NORMAL: a linear rule on pooled features finds it.
     g = torch.Generator().manual_seed(0)
@@ -223,7 +223,7 @@ def test_linear_probe_head_gives_the_regressions_probability_and_separates_the_c
     spec = PreprocessSpec(size=32)
     torch.manual_seed(0)
     model = build_model("seed_cnn", 1, 2, width=4)
-    features_before = pooled_features(model, split, spec, torch.device("cpu"))
+    features_before = head_features(model, split, spec, torch.device("cpu"))
     result = fit_linear_probe(model, split, spec, torch.device("cpu"), c=1.0)
     assert result["train_accuracy"] == 1.0
     # The two-class head's softmax equals the regression's probability of the positive class.
@@ -233,7 +233,7 @@ def test_linear_probe_head_gives_the_regressions_probability_and_separates_the_c
         probs = torch.softmax(model(normalize(pixels, spec)), 1)[:, 1].double().numpy()
     np.testing.assert_allclose(probs, reference.predict_proba(features_before.double().numpy())[:, 1], atol=1e-5)
     # The features themselves are untouched: only the head was fitted.
-    torch.testing.assert_close(pooled_features(model, split, spec, torch.device("cpu")), features_before)
+    torch.testing.assert_close(head_features(model, split, spec, torch.device("cpu")), features_before)
     with pytest.raises(ValueError, match="must be positive"):
         fit_linear_probe(model, split, spec, torch.device("cpu"), c=0.0)
 

@@ -187,10 +187,11 @@ def softmax_positive(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray
 
 
 @torch.no_grad()
-def pooled_features(model: nn.Module, split: D.Split, spec: PreprocessSpec, device: torch.device,
+def head_features(model: nn.Module, split: D.Split, spec: PreprocessSpec, device: torch.device,
                     batch: int = 128) -> torch.Tensor:
     """The classifier head's input for every image of ``split``: N x K float32 on the CPU (the
-    network in eval mode, no augmentation, no dropout)."""
+    network in eval mode, no augmentation, no dropout): the plain spatial mean of the last feature
+    map, not the square-root pooling of the out-of-distribution check (``shared.ood.pooled_features``)."""
     model.eval()
     out = [torch.flatten(model.pool(model.features(x)), 1).float().cpu() for x in _inputs(split, spec, device, batch)]
     return torch.cat(out) if out else torch.zeros((0, model.head.in_features))
@@ -214,7 +215,7 @@ def fit_linear_probe(model: nn.Module, train: D.Split, spec: PreprocessSpec, dev
     if not c > 0:
         raise ValueError(f"the linear probe's inverse regularisation strength must be positive, got {c}")
     t0 = time.time()
-    x = pooled_features(model, train, spec, device).double().numpy()
+    x = head_features(model, train, spec, device).double().numpy()
     y = train.labels.numpy()
     clf = LogisticRegression(C=c, class_weight="balanced" if balanced else None, max_iter=5000).fit(x, y)
     w = torch.as_tensor(clf.coef_[0], dtype=model.head.weight.dtype)
