@@ -292,3 +292,44 @@ def test_probed_run_exports_the_interpolated_weights_and_exports_again_without_t
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed from checkpoint at epoch 1" in again.stdout and not METRIC_LINE.search(again.stdout)
     assert "WiSE-FT" not in again.stdout and (opt_ml / "model" / "model.onnx").read_bytes() != first
+
+
+def test_soup_exports_the_average_of_its_networks_and_a_larger_soup_reuses_them(tmp_path):
+    import torch
+
+    from training_job.engine import average_weights
+
+    opt_ml = tmp_path
+    train = subset(opt_ml / "input" / "data" / "train", 24)
+    env = sm_env(opt_ml, train)
+    hp = ["--epochs", "1", "--architecture", "efficientnet_lite0", "--pretrained", "true", "--image_size", "64",
+          "--batch-size", "16", "--progress", "plain", "--workers", "2"]
+    proc = run_entrypoint(opt_ml, env, *hp, "--soup", "2")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "model soup: network 2 of 2 (seed 43)" in proc.stdout
+    assert [int(m[0]) for m in METRIC_LINE.findall(proc.stdout)] == [1, 1]  # SageMaker sees each network's epoch
+    ckpt = opt_ml / "checkpoints"
+    first, second, soup = (torch.load(p, weights_only=False)["model"]
+                           for p in (ckpt / "best.pt", ckpt / "member-2" / "best.pt", ckpt / "soup.pt"))
+    assert not torch.equal(first["head.weight"], second["head.weight"])  # two seeds, two networks
+    expected = average_weights([first, second])
+    assert all(torch.equal(soup[k], v) for k, v in expected.items())
+    bundle = read_bundle(opt_ml / "model")
+    # The exported network is the soup: its classifier head is the one the heatmaps use.
+    np.testing.assert_allclose(bundle.meta["cam"]["weights"], soup["head.weight"].double().numpy(), atol=1e-7)
+    assert bundle.meta["provenance"]["hyperparameters"]["soup"] == 2
+    card = (opt_ml / "model" / "report" / "MODEL_CARD.md").read_text()
+    assert "a uniform model soup, the average of 2 networks" in card and "seeds 42, 43" in card
+    history = json.loads((opt_ml / "output" / "data" / "history.json").read_text())
+    assert [(h["member"], h["epoch"]) for h in history] == [(1, 1), (2, 1)]
+
+    # A larger soup trains only the network it lacks; the first network alone is the run without a soup.
+    bigger = run_entrypoint(opt_ml, env, *hp, "--soup", "3")
+    assert bigger.returncode == 0, bigger.stderr[-2000:]
+    assert bigger.stdout.count("resumed from checkpoint at epoch 1") == 2
+    assert len(METRIC_LINE.findall(bigger.stdout)) == 1 and (ckpt / "member-3" / "best.pt").is_file()
+    alone = run_entrypoint(opt_ml, env, *hp)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert "resumed from checkpoint at epoch 1" in alone.stdout and not METRIC_LINE.search(alone.stdout)
+    np.testing.assert_allclose(read_bundle(opt_ml / "model").meta["cam"]["weights"],
+                               first["head.weight"].double().numpy(), atol=1e-7)

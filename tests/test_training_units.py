@@ -257,6 +257,50 @@ def test_weight_interpolation_mixes_floats_and_keeps_counters():
         interpolate_weights(dict(initial, w=torch.zeros(3, 2)), final, 0.5)
 
 
+def test_model_soup_is_the_mean_of_the_networks_weights_and_keeps_the_first_counters():
+    from training_job.engine import average_weights
+
+    a = {"w": torch.zeros(2, 3), "bn.running_var": torch.ones(2), "bn.num_batches_tracked": torch.tensor(60)}
+    b = {"w": torch.full((2, 3), 3.0), "bn.running_var": torch.full((2,), 2.0), "bn.num_batches_tracked": torch.tensor(7)}
+    # a weight average's state dict (AveragedModel): keys prefixed with module., plus its counter
+    c = {"module.w": torch.full((2, 3), 6.0), "module.bn.running_var": torch.full((2,), 3.0),
+         "module.bn.num_batches_tracked": torch.tensor(9), "n_averaged": torch.tensor(100)}
+    soup = average_weights([a, b, c])
+    assert set(soup) == {"w", "bn.running_var", "bn.num_batches_tracked"}
+    torch.testing.assert_close(soup["w"], torch.full((2, 3), 3.0))
+    torch.testing.assert_close(soup["bn.running_var"], torch.full((2,), 2.0))
+    assert int(soup["bn.num_batches_tracked"]) == 60
+    assert torch.equal(average_weights([b])["w"], b["w"])
+    with pytest.raises(ValueError, match="at least one"):
+        average_weights([])
+    with pytest.raises(ValueError, match="network 2 .* different networks"):
+        average_weights([a, {"w": b["w"]}])
+    with pytest.raises(ValueError, match=r"weight w has shape \(3, 2\) in network 3"):
+        average_weights([a, b, dict(b, w=torch.zeros(3, 2))])
+
+
+def test_soup_needs_pretrained_weights_and_its_size_stays_out_of_the_checkpoint_key():
+    from conftest import DATA_224
+
+    from training_job.train import TrainingError, checkpoint_key, member_dir, parse_args
+
+    train = ["--train", str(DATA_224 / "train")]
+    info = {"fingerprint": "f"}
+    one, three = parse_args(train), parse_args([*train, "--soup", "3"])
+    assert (one.soup, three.soup, three.pretrained) == (1, 3, True)
+    # The first network of a soup is the run without one; every other network has its own key.
+    assert checkpoint_key(one, info) == checkpoint_key(three, info, 0)
+    assert len({checkpoint_key(three, info, m) for m in range(3)}) == 3
+    assert checkpoint_key(parse_args([*train, "--soup", "2"]), info, 1) == checkpoint_key(three, info, 1)
+    assert member_dir("ck", 0).as_posix() == "ck" and member_dir("ck", 2).as_posix() == "ck/member-3"
+    with pytest.raises(TrainingError, match="soup must be at least 1"):
+        parse_args([*train, "--soup", "0"])
+    with pytest.raises(TrainingError, match="it needs --pretrained"):
+        parse_args([*train, "--architecture", "resnet10", "--soup", "2"])
+    with pytest.raises(TrainingError, match="use one of them"):
+        parse_args([*train, "--soup", "2", "--linear-probe-c", "0.3", "--wise-alpha", "0.5"])
+
+
 def test_probe_and_interpolation_need_pretrained_weights_and_valid_values():
     from conftest import DATA_224
 

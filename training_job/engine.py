@@ -247,3 +247,31 @@ def interpolate_weights(initial: dict[str, torch.Tensor], final: dict[str, torch
             raise ValueError(f"weight {k} has shape {tuple(w0.shape)} initially and {tuple(v.shape)} after training")
         out[k] = w0.to(v.dtype).mul(1.0 - alpha).add(v, alpha=alpha) if v.is_floating_point() else v.clone()
     return out
+
+
+def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A uniform model soup: the mean of every floating-point tensor over ``states`` (weights and
+    batch-norm statistics); integer buffers (batch counters) come from the first state dict.
+    Wortsman et al., "Model soups: averaging weights of multiple fine-tuned models improves
+    accuracy without increasing inference time", ICML 2022: networks fine-tuned from the same
+    pretrained weights lie in one basin of the loss, and their average generalises to a shifted
+    distribution at least as well as the members, at the inference cost of one. Keys may carry the
+    ``module.`` prefix and ``n_averaged`` counter of a weight average; both are dropped. Raises
+    ``ValueError`` for no state dicts, or ones with different keys or shapes."""
+    if not states:
+        raise ValueError("a model soup needs at least one network's weights")
+    clean = [{k.removeprefix("module."): v for k, v in s.items() if k != "n_averaged"} for s in states]
+    first = clean[0]
+    out = {}
+    for i, s in enumerate(clean[1:], start=2):
+        if s.keys() != first.keys():
+            raise ValueError(f"network {i} of the soup has other weights than network 1: they are different networks")
+    for k, v in first.items():
+        for i, s in enumerate(clean[1:], start=2):
+            if s[k].shape != v.shape:
+                raise ValueError(f"weight {k} has shape {tuple(s[k].shape)} in network {i} and {tuple(v.shape)} in network 1")
+        if v.is_floating_point():
+            out[k] = torch.stack([s[k].to(v.dtype) for s in clean]).mean(0)
+        else:
+            out[k] = v.clone()
+    return out

@@ -123,7 +123,8 @@ def write_outputs(args, spec, model: Classifier, best_path: Path, val, info: dic
 
     ``val`` is the validation :class:`training_job.data.Split`; with ``train`` (the training Split)
     the out-of-distribution check is fitted on both and stored in the bundle. ``log`` prints a line. Raises
-    :class:`ExportError` when the ONNX model does not match torch."""
+    :class:`ExportError` when the ONNX model does not match torch. ``best["epoch"]`` is the chosen
+    epoch, or for a model soup the list of each network's (``history`` rows then carry ``member``)."""
     state = torch.load(best_path, map_location="cpu", weights_only=False)
     model = model.cpu().to(memory_format=torch.contiguous_format)
     model.load_state_dict({k.removeprefix("module."): v for k, v in state["model"].items() if k != "n_averaged"})
@@ -146,7 +147,9 @@ def write_outputs(args, spec, model: Classifier, best_path: Path, val, info: dic
         "initial_weights": info.get("initial_weights"), "hyperparameters": hp, "code_version": code_version(), "started_at": started, "finished_at": finished,
         "device": device_name, "torch": torch.__version__,
     }
-    log(f"best epoch {best['epoch']}: validation ROC AUC {vm['roc_auc']:.4f}; temperature {temperature:.3f}; "
+    chosen = (f"soup of best epochs {', '.join(map(str, best['epoch']))}" if isinstance(best["epoch"], list)
+              else f"best epoch {best['epoch']}")
+    log(f"{chosen}: validation ROC AUC {vm['roc_auc']:.4f}; temperature {temperature:.3f}; "
         f"threshold {threshold:.4f} -> accuracy {vm['accuracy']:.4f}, sensitivity {vm['sensitivity']:.4f}, "
         f"specificity {vm['specificity']:.4f}")
 
@@ -167,7 +170,7 @@ def write_outputs(args, spec, model: Classifier, best_path: Path, val, info: dic
         "temperature": temperature, "device": device_name, "started_at": started, "finished_at": finished,
         "counts": info["counts"], "val_source": info["val_source"], "fingerprint": info["fingerprint"],
         "initial_weights": (info.get("initial_weights") or {}).get("name"), "select_metric": args.select_metric,
-        "threshold_policy": policy,
+        "threshold_policy": policy, "soup_seeds": [args.seed + m for m in range(args.soup)] if args.soup > 1 else None,
     }
     write_report(work, metrics={"validation": vm, "history": history}, y_val=y, p_val=probs, history=history,
                  summary=summary)

@@ -90,25 +90,43 @@ def write_report(out: Path, *, metrics: dict, y_val: np.ndarray, p_val: np.ndarr
 
     best = summary.get("best_epoch")
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.5, 3.6), dpi=100)
-    epochs = [h["epoch"] for h in history]
-    a1.plot(epochs, [h["train_loss"] for h in history], label="train loss")
-    a1.plot(epochs, [h["val_loss"] for h in history], label="validation loss")
+    # A model soup's history holds one run of epochs per network (rows carry "member"): one line each.
+    members = sorted({h.get("member", 1) for h in history})
+    chosen = best if isinstance(best, list) else [best]
+    for i, member in enumerate(members):
+        rows = [h for h in history if h.get("member", 1) == member]
+        epochs = [h["epoch"] for h in rows]
+        tag, style = (f", network {member}", ["-", "--", ":", "-."][i % 4]) if len(members) > 1 else ("", "-")
+        a1.plot(epochs, [h["train_loss"] for h in rows], style, color="tab:blue", label=f"train loss{tag}")
+        a1.plot(epochs, [h["val_loss"] for h in rows], style, color="tab:red", label=f"validation loss{tag}")
+        a2.plot(epochs, [h["val_auc"] for h in rows], style, color="green", label=f"validation ROC AUC{tag}")
+        a2.plot(epochs, [h["val_acc"] for h in rows], style, color="orange",
+                label=f"validation accuracy (threshold 0.5){tag}")
     a1.set_ylabel("cross-entropy loss")
-    a2.plot(epochs, [h["val_auc"] for h in history], label="validation ROC AUC", color="green")
-    a2.plot(epochs, [h["val_acc"] for h in history], label="validation accuracy (threshold 0.5)", color="orange")
     a2.set_ylabel("ROC AUC / accuracy")
     for a in (a1, a2):
         a.set_xlabel("epoch")
-        if best:
-            a.axvline(best, color="grey", linestyle="--", label=f"chosen epoch ({best})")
-    a1.legend()
-    a2.legend(loc="lower right")
+        for i, epoch in enumerate(e for e in chosen if e):
+            tag = f", network {i + 1}" if len(chosen) > 1 else ""
+            a.axvline(epoch, color="grey", linestyle=["--", ":", "-.", "-"][i % 4], label=f"chosen epoch ({epoch}){tag}")
+    a1.legend(fontsize="small" if len(members) > 1 else None)
+    a2.legend(loc="lower right", fontsize="small" if len(members) > 1 else None)
     fig.tight_layout()
     fig.savefig(out / "learning_curves.png")
     plt.close(fig)
 
     (out / "MODEL_CARD.md").write_text(model_card(metrics, summary))
     return out
+
+
+def _chosen_weights(s: dict) -> str:
+    """The model card's line on which weights were exported: one best epoch, or a model soup's."""
+    metric = s.get("select_metric", "roc_auc")
+    if s.get("soup_seeds"):
+        return (f"Weights: a uniform model soup, the average of {len(s['soup_seeds'])} networks fine-tuned from the "
+                f"same initial weights with seeds {', '.join(map(str, s['soup_seeds']))}, each at its best epoch on "
+                f"validation {metric} ({', '.join(map(str, s['best_epoch']))} of {s['epochs']})")
+    return f"Best epoch (chosen on validation {metric}): {s['best_epoch']} of {s['epochs']}"
 
 
 def model_card(metrics: dict, s: dict) -> str:
@@ -132,7 +150,7 @@ PNEUMONIA; the label is PNEUMONIA when that probability is at or above the decis
 - Architecture: {s['architecture']}, trained from {'ImageNet weights' if s.get('pretrained') else 'scratch'}
 - Input: {s['preprocessing']['size']} x {s['preprocessing']['size']} px, {s['preprocessing']['channels']} channel(s), resize policy "{s['preprocessing']['resize']}"
 - Initial weights: {s.get('initial_weights') or 'random (trained from scratch)'}
-- Best epoch (chosen on validation {s.get('select_metric', 'roc_auc')}): {s['best_epoch']} of {s['epochs']}; softmax temperature {s['temperature']:.3f} (fitted on validation)
+- {_chosen_weights(s)}; softmax temperature {s['temperature']:.3f} (fitted on validation)
 - Trained on: {s['device']}, {s['started_at']} to {s['finished_at']}
 
 ## Data

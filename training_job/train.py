@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backbone-lr-scale", type=float, default=1.0,
                    help="discriminative fine-tuning: every layer but the classifier head learns at LR x this "
                         "(0 < scale <= 1; 1 = one learning rate); the logged lr stays the head's. Needs --pretrained")
+    t.add_argument("--soup", type=int, default=1,
+                   help="uniform model soup (Wortsman et al. 2022): fine-tune this many networks from the same "
+                        "pretrained weights on the same split, with seeds SEED, SEED+1, ..., and export the average "
+                        "of their weights: one network's size and speed. 1 = one network. Needs --pretrained")
     add_bool(t, "--tta", default=False, help="average predictions over a horizontal flip")
     add_bool(t, "--amp", default=True, help="mixed precision (CUDA only)")
     t.add_argument("--seed", type=int, default=42, help="random seed (split, initial weights, augmentation)")
@@ -219,6 +223,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise TrainingError("backbone-lr-scale must be in (0, 1]: the backbone's share of the learning rate")
     if args.backbone_lr_scale < 1 and not args.pretrained:
         raise TrainingError("backbone-lr-scale below 1 slows the pretrained layers: it needs --pretrained")
+    if args.soup < 1:
+        raise TrainingError("soup must be at least 1: the number of networks whose weights are averaged")
+    if args.soup > 1 and not args.pretrained:
+        raise TrainingError("soup above 1 averages networks fine-tuned from the same pretrained weights: it needs "
+                            "--pretrained (networks trained from different random weights do not average)")
+    if args.soup > 1 and args.wise_alpha < 1:
+        raise TrainingError("wise-alpha and soup each choose the exported weights: use one of them")
     if args.wise_alpha < 1 and not args.linear_probe_c > 0:
         raise TrainingError("wise-alpha below 1 needs --linear-probe-c: without a probed head the weights training "
                             "started from end in a random classifier, and an average with it means nothing")
@@ -309,14 +320,25 @@ class Log:
         return tqdm(it, leave=False, dynamic_ncols=True, **kw)
 
 
-def checkpoint_key(args, info: dict) -> str:
-    """What must match for a checkpoint to be resumed: the data and every training choice."""
+def checkpoint_key(args, info: dict, member: int = 0) -> str:
+    """What must match for a checkpoint to be resumed: the data and every training choice.
+
+    ``member`` is the network's index in a model soup (0 for the first or only one). The soup's
+    size is not part of the key: the first network of a soup is the run without one, and a larger
+    soup reuses the networks a smaller one trained."""
     skip = {"checkpoint_dir", "model_dir", "output_data_dir", "progress", "workers", "train", "val", "data",
-            "wise_alpha"}  # applied after training, to the checkpoints
+            "wise_alpha", "soup"}  # applied after training, to the checkpoints
     hp = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
     if hp.get("backbone_lr_scale") == 1.0:  # at its default it leaves the key of runs from before it existed
         del hp["backbone_lr_scale"]
-    return hashlib.sha256(json.dumps([hp, info["fingerprint"]], sort_keys=True, default=str).encode()).hexdigest()
+    parts = [hp, info["fingerprint"]] + ([member] if member else [])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def member_dir(checkpoint_dir: str | Path, member: int) -> Path:
+    """Where network ``member`` (0-based) of a model soup keeps its checkpoints: the first in the
+    checkpoint folder itself, as a run without a soup does, the others in ``member-2/``, ``member-3/``..."""
+    return Path(checkpoint_dir) / (f"member-{member + 1}" if member else "")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -341,6 +363,33 @@ def run(args, dist_info: Dist) -> Path | None:
     log(f"data: train {info['counts']['train']}, val {info['counts']['val']} ({info['val_source']}); "
         f"decoded once in {time.time() - t0:.1f}s")
 
+    members = []
+    for member in range(args.soup):
+        if member:  # the first network draws from the generators as a run without a soup does
+            seed_everything(args.seed + member)
+            log(f"model soup: network {member + 1} of {args.soup} (seed {args.seed + member})")
+        members.append(train_member(args, member, train, val, spec, info, device, dist_info, log))
+
+    if not dist_info.main:
+        return None
+    model, best_path, history, best = members[-1]
+    export_path = best_path
+    if args.soup > 1:
+        export_path = soup_checkpoint([m[1] for m in members], Path(args.checkpoint_dir), log)
+        history = [{**row, "member": i + 1} for i, m in enumerate(members) for row in m[2]]
+        best = {"epoch": [m[3]["epoch"] for m in members]}
+    elif args.wise_alpha < 1:
+        export_path = interpolated_checkpoint(args, member_dir(args.checkpoint_dir, 0) / "initial.pt", best_path,
+                                              checkpoint_key(args, info), train, spec, device, log)
+    return write_outputs(args, spec, model, export_path, val, info, history, best, started, device, log, train)
+
+
+def train_member(args, member: int, train: D.Split, val: D.Split, spec: PreprocessSpec, info: dict, device,
+                 dist_info: Dist, log) -> tuple[nn.Module, Path, list[dict], dict]:
+    """Train network ``member`` (0-based; a run without a soup trains network 0 only), resuming
+    from its own checkpoints where they match. Returns the model, its best checkpoint's path, its
+    history (one row per epoch) and its best epoch's row."""
+    seed = args.seed + member
     try:
         model = build_model(args.architecture, args.channels, len(CLASS_NAMES), args.width, args.dropout, args.pretrained,
                             args.image_size)
@@ -364,9 +413,9 @@ def run(args, dist_info: Dist) -> Path | None:
     if augment is not None and args.hflip:
         augment = dataclasses.replace(augment, hflip=True)
 
-    ckpt_dir = Path(args.checkpoint_dir)
+    ckpt_dir = member_dir(args.checkpoint_dir, member)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    key = checkpoint_key(args, info)
+    key = checkpoint_key(args, info, member)
     history: list[dict] = []
     best: dict = {"epoch": 0}
     start_epoch = 1
@@ -405,9 +454,9 @@ def run(args, dist_info: Dist) -> Path | None:
 
     ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist_info.world > 1 else model
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(seed)
     for epoch in range(start_epoch, args.epochs + 1):
-        gen.manual_seed(args.seed * 1000 + epoch)  # same batches whether resumed or not
+        gen.manual_seed(seed * 1000 + epoch)  # same batches whether resumed or not
         perm = torch.randperm(len(train), generator=gen)
         mine = perm[dist_info.rank::dist_info.world][: steps_per_epoch * args.batch_size]
         batches = [mine[b * args.batch_size:(b + 1) * args.batch_size] for b in range(steps_per_epoch)]
@@ -441,12 +490,18 @@ def run(args, dist_info: Dist) -> Path | None:
             })
         dist_info.barrier()
 
-    if not dist_info.main:
-        return None
-    export_path = best_path
-    if args.wise_alpha < 1:
-        export_path = interpolated_checkpoint(args, initial_path, best_path, key, train, spec, device, log)
-    return write_outputs(args, spec, model, export_path, val, info, history, best, started, device, log, train)
+    return model, best_path, history, best
+
+
+def soup_checkpoint(best_paths: list[Path], checkpoint_dir: Path, log) -> Path:
+    """Average the networks' best checkpoints into ``soup.pt`` (:func:`engine.average_weights`)."""
+    states = [torch.load(p, map_location="cpu", weights_only=False) for p in best_paths]
+    path = checkpoint_dir / "soup.pt"
+    save_checkpoint(path, {"model": E.average_weights([st["model"] for st in states]),
+                           "epoch": [st.get("epoch") for st in states]})
+    log(f"model soup: exporting the average of {len(states)} networks' weights (best epochs "
+        f"{', '.join(str(st.get('epoch')) for st in states)})")
+    return path
 
 
 def interpolated_checkpoint(args, initial_path: Path, best_path: Path, key: str, train: D.Split,
