@@ -323,13 +323,30 @@ def test_soup_exports_the_average_of_its_networks_and_a_larger_soup_reuses_them(
     history = json.loads((opt_ml / "output" / "data" / "history.json").read_text())
     assert [(h["member"], h["epoch"]) for h in history] == [(1, 1), (2, 1)]
 
-    # A larger soup trains only the network it lacks; the first network alone is the run without a soup.
+    # A larger soup trains only the network it lacks, and exports the average of all three.
     bigger = run_entrypoint(opt_ml, env, *hp, "--soup", "3")
     assert bigger.returncode == 0, bigger.stderr[-2000:]
-    assert bigger.stdout.count("resumed from checkpoint at epoch 1") == 2
-    assert len(METRIC_LINE.findall(bigger.stdout)) == 1 and (ckpt / "member-3" / "best.pt").is_file()
+    assert bigger.stdout.count("resumed from checkpoint at epoch 1") == 2 and "network 3 of 3 (seed 44)" in bigger.stdout
+    assert len(METRIC_LINE.findall(bigger.stdout)) == 1
+    third = torch.load(ckpt / "member-3" / "best.pt", weights_only=False)["model"]
+    np.testing.assert_allclose(read_bundle(opt_ml / "model").meta["cam"]["weights"],
+                               average_weights([first, second, third])["head.weight"].double().numpy(), atol=1e-7)
+    history = json.loads((opt_ml / "output" / "data" / "history.json").read_text())
+    assert [(h["member"], h["epoch"]) for h in history] == [(1, 1), (2, 1), (3, 1)]
+
+    # The first network is the run without a soup: that run resumes it, and trains it alike afresh.
     alone = run_entrypoint(opt_ml, env, *hp)
     assert alone.returncode == 0, alone.stderr[-2000:]
     assert "resumed from checkpoint at epoch 1" in alone.stdout and not METRIC_LINE.search(alone.stdout)
     np.testing.assert_allclose(read_bundle(opt_ml / "model").meta["cam"]["weights"],
                                first["head.weight"].double().numpy(), atol=1e-7)
+    fresh = run_entrypoint(opt_ml, env, *hp, "--checkpoint_dir", str(tmp_path / "fresh-checkpoints"))
+    assert fresh.returncode == 0 and len(METRIC_LINE.findall(fresh.stdout)) == 1, fresh.stderr[-2000:]
+    plain = torch.load(tmp_path / "fresh-checkpoints" / "best.pt", weights_only=False)["model"]
+    torch.testing.assert_close(plain["head.weight"], first["head.weight"])
+
+    # A best checkpoint left by other settings never enters the average.
+    stale = torch.load(ckpt / "member-2" / "best.pt", weights_only=False)
+    torch.save(dict(stale, key="other settings"), ckpt / "member-2" / "best.pt")
+    refused = run_entrypoint(opt_ml, env, *hp, "--soup", "2")
+    assert refused.returncode == 1 and "network 2's best checkpoint" in refused.stderr, refused.stderr[-2000:]

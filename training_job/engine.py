@@ -254,8 +254,9 @@ def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
     batch-norm statistics); integer buffers (batch counters) come from the first state dict.
     Wortsman et al., "Model soups: averaging weights of multiple fine-tuned models improves
     accuracy without increasing inference time", ICML 2022: networks fine-tuned from the same
-    pretrained weights lie in one basin of the loss, and their average generalises to a shifted
-    distribution at least as well as the members, at the inference cost of one. Keys may carry the
+    pretrained weights tend to lie in one basin of the loss, and their average often generalises to
+    a shifted distribution better than its members, at the inference cost of one network (not
+    always: compare it with them on held-out data). Keys may carry the
     ``module.`` prefix and ``n_averaged`` counter of a weight average; both are dropped. Raises
     ``ValueError`` for no state dicts, or ones with different keys or shapes."""
     if not states:

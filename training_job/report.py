@@ -49,6 +49,9 @@ def write_report(out: Path, *, metrics: dict, y_val: np.ndarray, p_val: np.ndarr
     ``metrics["validation"]`` is :func:`shared.evaluation.metrics_with_ci`'s output at the bundle's
     threshold; any other entry of that form (e.g. ``"test"``) is shown beside it in the model card.
     ``y_val``: N labels in {0, 1}; ``p_val``: N calibrated probabilities of PNEUMONIA.
+    ``history``: one row per epoch (``epoch``, ``train_loss``, ``val_loss``, ``val_auc``,
+    ``val_acc``); a model soup's rows also carry ``member`` (1-based) and its
+    ``summary["best_epoch"]`` is a list, one chosen epoch per network.
     """
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", metrics)
@@ -124,7 +127,7 @@ def _chosen_weights(s: dict) -> str:
     metric = s.get("select_metric", "roc_auc")
     if s.get("soup_seeds"):
         return (f"Weights: a uniform model soup, the average of {len(s['soup_seeds'])} networks fine-tuned from the "
-                f"same initial weights with seeds {', '.join(map(str, s['soup_seeds']))}, each at its best epoch on "
+                f"same pretrained weights (each with its own random classifier head) with seeds {', '.join(map(str, s['soup_seeds']))}, each at its best epoch on "
                 f"validation {metric} ({', '.join(map(str, s['best_epoch']))} of {s['epochs']})")
     return f"Best epoch (chosen on validation {metric}): {s['best_epoch']} of {s['epochs']}"
 

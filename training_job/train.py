@@ -363,21 +363,27 @@ def run(args, dist_info: Dist) -> Path | None:
     log(f"data: train {info['counts']['train']}, val {info['counts']['val']} ({info['val_source']}); "
         f"decoded once in {time.time() - t0:.1f}s")
 
-    members = []
+    members: list[tuple[Path, list[dict], dict]] = []  # each network's best checkpoint, history, best row
     for member in range(args.soup):
+        if args.soup > 1:
+            log(f"model soup: network {member + 1} of {args.soup} (seed {args.seed + member})")
         if member:  # the first network draws from the generators as a run without a soup does
             seed_everything(args.seed + member)
-            log(f"model soup: network {member + 1} of {args.soup} (seed {args.seed + member})")
-        members.append(train_member(args, member, train, val, spec, info, device, dist_info, log))
+        model, *rest = train_member(args, member, train, val, spec, info, device, dist_info, log)
+        members.append(tuple(rest))
 
     if not dist_info.main:
         return None
-    model, best_path, history, best = members[-1]
+    best_path, history, best = members[-1]
     export_path = best_path
     if args.soup > 1:
-        export_path = soup_checkpoint([m[1] for m in members], Path(args.checkpoint_dir), log)
-        history = [{**row, "member": i + 1} for i, m in enumerate(members) for row in m[2]]
-        best = {"epoch": [m[3]["epoch"] for m in members]}
+        for i, (_, _, b) in enumerate(members):
+            log(f"model soup: network {i + 1}'s best epoch {b['epoch']}, validation ROC AUC {b['val_auc']:.4f}")
+        export_path = soup_checkpoint([m[0] for m in members],
+                                      [checkpoint_key(args, info, i) for i in range(args.soup)],
+                                      Path(args.checkpoint_dir), log)
+        history = [{**row, "member": i + 1} for i, m in enumerate(members) for row in m[1]]
+        best = {"epoch": [m[2]["epoch"] for m in members]}
     elif args.wise_alpha < 1:
         export_path = interpolated_checkpoint(args, member_dir(args.checkpoint_dir, 0) / "initial.pt", best_path,
                                               checkpoint_key(args, info), train, spec, device, log)
@@ -387,8 +393,10 @@ def run(args, dist_info: Dist) -> Path | None:
 def train_member(args, member: int, train: D.Split, val: D.Split, spec: PreprocessSpec, info: dict, device,
                  dist_info: Dist, log) -> tuple[nn.Module, Path, list[dict], dict]:
     """Train network ``member`` (0-based; a run without a soup trains network 0 only), resuming
-    from its own checkpoints where they match. Returns the model, its best checkpoint's path, its
-    history (one row per epoch) and its best epoch's row."""
+    from its own checkpoints where they match. Every network starts from the same pretrained
+    weights; the classifier head, batch order and augmentation draw from the seed in force.
+    Returns the model, its best checkpoint's path, its history (one row per epoch) and its best
+    epoch's row (``epoch``, ``val_auc``, ``val_loss``, ``val_acc``)."""
     seed = args.seed + member
     try:
         model = build_model(args.architecture, args.channels, len(CLASS_NAMES), args.width, args.dropout, args.pretrained,
@@ -493,14 +501,24 @@ def train_member(args, member: int, train: D.Split, val: D.Split, spec: Preproce
     return model, best_path, history, best
 
 
-def soup_checkpoint(best_paths: list[Path], checkpoint_dir: Path, log) -> Path:
-    """Average the networks' best checkpoints into ``soup.pt`` (:func:`engine.average_weights`)."""
-    states = [torch.load(p, map_location="cpu", weights_only=False) for p in best_paths]
+def soup_checkpoint(best_paths: list[Path], keys: list[str], checkpoint_dir: Path, log) -> Path:
+    """Average the networks' best checkpoints into ``soup.pt`` (:func:`engine.average_weights`).
+
+    ``keys[i]`` is network i's :func:`checkpoint_key`; a best checkpoint made with other data or
+    settings (a stale file, say, from a partial sync) raises :class:`TrainingError` rather than
+    entering the average. Batch-norm statistics are averaged with the weights, as the model soups
+    paper does. Returns the path of ``soup.pt``."""
+    states = []
+    for i, (path, key) in enumerate(zip(best_paths, keys, strict=True)):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("key") != key:
+            raise TrainingError(f"model soup: network {i + 1}'s best checkpoint {path} was made with other data or "
+                                "settings; remove it to train that network again")
+        states.append(state)
     path = checkpoint_dir / "soup.pt"
     save_checkpoint(path, {"model": E.average_weights([st["model"] for st in states]),
                            "epoch": [st.get("epoch") for st in states]})
-    log(f"model soup: exporting the average of {len(states)} networks' weights (best epochs "
-        f"{', '.join(str(st.get('epoch')) for st in states)})")
+    log(f"model soup: exporting the average of {len(states)} networks' weights")
     return path
 
 
