@@ -272,7 +272,8 @@ def test_probed_run_exports_the_interpolated_weights_and_exports_again_without_t
     train = subset(opt_ml / "input" / "data" / "train", 24)
     env = sm_env(opt_ml, train)
     hp = ["--epochs", "1", "--architecture", "efficientnet_lite0", "--pretrained", "true", "--image_size", "64",
-          "--batch-size", "16", "--progress", "plain", "--workers", "2", "--linear-probe-c", "0.3"]
+          "--batch-size", "16", "--progress", "plain", "--workers", "2", "--linear-probe-c", "0.3",
+          "--soup", "1"]
     proc = run_entrypoint(opt_ml, env, *hp, "--wise-alpha", "0.5")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "linear probe (C=0.3) on the frozen pretrained features" in proc.stdout
@@ -335,12 +336,12 @@ def test_soup_exports_the_average_of_its_networks_and_a_larger_soup_reuses_them(
     assert [(h["member"], h["epoch"]) for h in history] == [(1, 1), (2, 1), (3, 1)]
 
     # The first network is the run without a soup: that run resumes it, and trains it alike afresh.
-    alone = run_entrypoint(opt_ml, env, *hp)
+    alone = run_entrypoint(opt_ml, env, *hp, "--soup", "1")
     assert alone.returncode == 0, alone.stderr[-2000:]
     assert "resumed from checkpoint at epoch 1" in alone.stdout and not METRIC_LINE.search(alone.stdout)
     np.testing.assert_allclose(read_bundle(opt_ml / "model").meta["cam"]["weights"],
                                first["head.weight"].double().numpy(), atol=1e-7)
-    fresh = run_entrypoint(opt_ml, env, *hp, "--checkpoint_dir", str(tmp_path / "fresh-checkpoints"))
+    fresh = run_entrypoint(opt_ml, env, *hp, "--soup", "1", "--checkpoint_dir", str(tmp_path / "fresh-checkpoints"))
     assert fresh.returncode == 0 and len(METRIC_LINE.findall(fresh.stdout)) == 1, fresh.stderr[-2000:]
     plain = torch.load(tmp_path / "fresh-checkpoints" / "best.pt", weights_only=False)["model"]
     torch.testing.assert_close(plain["head.weight"], first["head.weight"])

@@ -97,13 +97,17 @@ def test_recipe_sets_defaults_and_flags_override():
     assert (gpu.architecture, gpu.pretrained, gpu.image_size, gpu.epochs) == ("efficientnet_lite0", True, 224, 3)
     cpu = parse_args(["--train", str(DATA_224 / "train")])
     assert (cpu.recipe, cpu.architecture, cpu.pretrained, cpu.image_size) == ("cpu", "efficientnet_lite0", True, 160)
-    assert cpu.threshold_policy == "sensitivity" and cpu.target_sensitivity == 0.95
+    assert cpu.threshold_policy == "sensitivity" and cpu.target_sensitivity == 0.95 and cpu.soup == 3
     quick = parse_args(["--train", str(DATA_224 / "train"), "--recipe", "quick"])
     assert (quick.architecture, quick.pretrained, quick.image_size, quick.limit_per_class) == ("resnet10", False, 128, 400)
     assert quick.threshold_policy == "sensitivity" and quick.target_sensitivity == 0.95
     # Another architecture does not inherit the recipe's pretrained weights unless asked for.
     other = parse_args(["--train", str(DATA_224 / "train"), "--architecture", "seed_cnn"])
     assert other.pretrained is False and other.image_size == 160
+    # nor its model soup, which needs pretrained weights and excludes WiSE-FT
+    assert other.soup == 1 and (gpu.soup, quick.soup) == (1, 1)
+    wise = parse_args(["--train", str(DATA_224 / "train"), "--linear-probe-c", "0.3", "--wise-alpha", "0.5"])
+    assert wise.soup == 1
     with pytest.raises(ValueError, match="no pretrained weights exist for seed_cnn"):
         build_model("seed_cnn", pretrained=True)
 
@@ -288,7 +292,7 @@ def test_soup_needs_pretrained_weights_and_its_size_stays_out_of_the_checkpoint_
 
     train = ["--train", str(DATA_224 / "train")]
     info = {"fingerprint": "f"}
-    one, three = parse_args(train), parse_args([*train, "--soup", "3"])
+    one, three = parse_args([*train, "--soup", "1"]), parse_args([*train, "--soup", "3"])
     assert (one.soup, three.soup, three.pretrained) == (1, 3, True)
     # The first network of a soup is the run without one; every other network has its own key.
     assert checkpoint_key(one, info) == checkpoint_key(three, info, 0)

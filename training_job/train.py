@@ -202,6 +202,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     given = {tok.partition("=")[0] for tok in norm if tok.startswith("--")}
     if args.pretrained and "--pretrained" not in given and args.architecture not in PRETRAINED:
         args.pretrained = False  # the recipe's weights belong to its own architecture, not to an override
+    if args.soup > 1 and "--soup" not in given and (not args.pretrained or args.wise_alpha < 1):
+        args.soup = 1  # the recipe's soup applies where one can be made: pretrained weights, no WiSE-FT
     if args.epochs < 1:
         raise TrainingError(f"epochs must be at least 1 (got {args.epochs}): a zero-epoch run cannot produce a model")
     if args.batch_size < 2:
