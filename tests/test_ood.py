@@ -35,13 +35,17 @@ pytestmark = pytest.mark.filterwarnings("ignore:No application metrics to publis
 
 @pytest.fixture(scope="module")
 def checked_bundle(tmp_path_factory):
-    """The reference model with the check fitted by the command on every fourth training image (1,304)."""
+    """The reference model with the check fitted by the command on every second training image (2,608).
+
+    Every fourth (1,304 images, of which 1,118 fit the 1,280-feature covariance) left the distances
+    too loose for the reference model's soup: a re-inverted X-ray landed just past the cut-off, so
+    the refusal could not name the inversion. The shipped check is fitted on 3,832 training images."""
     from training_job.ood import main
 
     folder = tmp_path_factory.mktemp("ood-train")
     for cls in ("NORMAL", "PNEUMONIA"):
         (folder / "train" / cls).mkdir(parents=True)
-        for path in sorted((DATA_224 / "train" / cls).glob("*.jpeg"))[::4]:
+        for path in sorted((DATA_224 / "train" / cls).glob("*.jpeg"))[::2]:
             os.symlink(path, folder / "train" / cls / path.name)
     out = tmp_path_factory.mktemp("ood-bundle") / "model.tar.gz"
     assert main(["--bundle", str(REFERENCE), "--data", str(folder), "--out", str(out)]) == 0
