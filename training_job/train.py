@@ -376,6 +376,7 @@ def run(args, dist_info: Dist) -> Path | None:
 
     if not dist_info.main:
         return None
+    info["initial_weights"] = pretrained_provenance(args.architecture, args.pretrained)  # once, after build_model checked it
     best_path, history, best = members[-1]
     export_path = best_path
     if args.soup > 1:
@@ -403,7 +404,6 @@ def train_member(args, member: int, train: D.Split, val: D.Split, spec: Preproce
     try:
         model = build_model(args.architecture, args.channels, len(CLASS_NAMES), args.width, args.dropout, args.pretrained,
                             args.image_size)
-        info["initial_weights"] = pretrained_provenance(args.architecture, args.pretrained)
     except ValueError as exc:
         raise TrainingError(str(exc)) from None
     model.to(device)
