@@ -227,6 +227,13 @@ def fit_linear_probe(model: nn.Module, train: D.Split, spec: PreprocessSpec, dev
     return {"c": c, "train_accuracy": float(clf.score(x, y)), "seconds": time.time() - t0}
 
 
+def plain_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights as the bare network's ``load_state_dict`` takes them: a weight
+    average's (``torch.optim.swa_utils.AveragedModel``) ``module.`` key prefix and its
+    ``n_averaged`` counter dropped; any other state dict is returned with the same tensors."""
+    return {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"}
+
+
 def interpolate_weights(initial: dict[str, torch.Tensor], final: dict[str, torch.Tensor],
                         alpha: float) -> dict[str, torch.Tensor]:
     """WiSE-FT: ``(1 - alpha) * initial + alpha * final`` for every floating-point tensor of a
@@ -261,7 +268,7 @@ def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
     ``ValueError`` for no state dicts, or ones with different keys or shapes."""
     if not states:
         raise ValueError("a model soup needs at least one network's weights")
-    clean = [{k.removeprefix("module."): v for k, v in s.items() if k != "n_averaged"} for s in states]
+    clean = [plain_state_dict(s) for s in states]
     first = clean[0]
     out = {}
     for i, s in enumerate(clean[1:], start=2):

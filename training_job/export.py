@@ -127,7 +127,7 @@ def write_outputs(args, spec, model: Classifier, best_path: Path, val, info: dic
     epoch, or for a model soup the list of each network's (``history`` rows then carry ``member``)."""
     state = torch.load(best_path, map_location="cpu", weights_only=False)
     model = model.cpu().to(memory_format=torch.contiguous_format)
-    model.load_state_dict({k.removeprefix("module."): v for k, v in state["model"].items() if k != "n_averaged"})
+    model.load_state_dict(E.plain_state_dict(state["model"]))
     model.eval()
     logits = E.predict_logits(model, val, spec, torch.device("cpu"), 128, args.tta).double().numpy()
     y = val.labels.numpy()

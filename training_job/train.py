@@ -540,7 +540,7 @@ def interpolated_checkpoint(args, initial_path: Path, best_path: Path, key: str,
         initial = {"model": {k: v.cpu() for k, v in fresh.state_dict().items()}, "key": key}
         save_checkpoint(initial_path, initial)
     best = torch.load(best_path, map_location="cpu", weights_only=False)
-    final = {k.removeprefix("module."): v for k, v in best["model"].items() if k != "n_averaged"}
+    final = E.plain_state_dict(best["model"])
     path = best_path.with_name("interpolated.pt")
     save_checkpoint(path, {"model": E.interpolate_weights(initial["model"], final, args.wise_alpha),
                            "epoch": best.get("epoch"), "key": key})
