@@ -251,6 +251,30 @@ def test_ddp_with_two_cpu_processes(tmp_path):
     assert read_bundle(opt_ml / "model").meta["provenance"]["hyperparameters"]["processes_per_host"] == 2
 
 
+def test_ddp_soup_averages_the_networks_every_process_trained(tmp_path):
+    import torch
+
+    from training_job.engine import average_weights
+
+    opt_ml = tmp_path
+    train = subset(opt_ml / "input" / "data" / "train", 24)
+    proc = run_entrypoint(opt_ml, sm_env(opt_ml, train), "--epochs", "1", "--processes_per_host", "2", "--soup", "2",
+                          "--architecture", "efficientnet_lite0", "--pretrained", "true", "--image_size", "64",
+                          "--batch-size", "8", "--progress", "plain", "--workers", "1")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert [int(m[0]) for m in METRIC_LINE.findall(proc.stdout)] == [1, 1]  # rank 0 reports each network's epoch
+    assert proc.stdout.count("model soup: network 2 of 2 (seed 43)") == 1
+    ckpt = opt_ml / "checkpoints"
+    first, second, soup = (torch.load(p, weights_only=False)["model"]
+                           for p in (ckpt / "best.pt", ckpt / "member-2" / "best.pt", ckpt / "soup.pt"))
+    assert not torch.equal(first["head.weight"], second["head.weight"])
+    expected = average_weights([first, second])
+    assert all(torch.equal(soup[k], v) for k, v in expected.items())
+    bundle = read_bundle(opt_ml / "model")
+    np.testing.assert_allclose(bundle.meta["cam"]["weights"], soup["head.weight"].double().numpy(), atol=1e-7)
+    assert bundle.meta["provenance"]["hyperparameters"]["soup"] == 2
+
+
 def test_metric_definitions_see_one_point_per_epoch_and_lr_keeps_its_digits(trained):
     from infra.config import METRIC_DEFINITIONS
 
