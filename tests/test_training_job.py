@@ -251,10 +251,27 @@ def test_ddp_with_two_cpu_processes(tmp_path):
     assert read_bundle(opt_ml / "model").meta["provenance"]["hyperparameters"]["processes_per_host"] == 2
 
 
-def test_ddp_soup_averages_the_networks_every_process_trained(tmp_path):
+def assert_exports_soup(opt_ml: Path, networks: int) -> list[dict]:
+    """The run's ``soup.pt`` is the average of its networks' best checkpoints and the bundle exports it
+    (its classifier head is the one the heatmaps use); returns the networks' weights."""
     import torch
 
     from training_job.engine import average_weights
+
+    ckpt = opt_ml / "checkpoints"
+    paths = [ckpt / "best.pt", *(ckpt / f"member-{i}" / "best.pt" for i in range(2, networks + 1))]
+    members = [torch.load(p, weights_only=False)["model"] for p in paths]
+    soup = torch.load(ckpt / "soup.pt", weights_only=False)["model"]
+    expected = average_weights(members)
+    assert soup.keys() == expected.keys() and all(torch.equal(soup[k], v) for k, v in expected.items())
+    bundle = read_bundle(opt_ml / "model")
+    np.testing.assert_allclose(bundle.meta["cam"]["weights"], soup["head.weight"].double().numpy(), atol=1e-7)
+    assert bundle.meta["provenance"]["hyperparameters"]["soup"] == networks
+    return members
+
+
+def test_ddp_soup_averages_the_networks_every_process_trained(tmp_path):
+    import torch
 
     opt_ml = tmp_path
     train = subset(opt_ml / "input" / "data" / "train", 24)
@@ -264,15 +281,8 @@ def test_ddp_soup_averages_the_networks_every_process_trained(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert [int(m[0]) for m in METRIC_LINE.findall(proc.stdout)] == [1, 1]  # rank 0 reports each network's epoch
     assert proc.stdout.count("model soup: network 2 of 2 (seed 43)") == 1
-    ckpt = opt_ml / "checkpoints"
-    first, second, soup = (torch.load(p, weights_only=False)["model"]
-                           for p in (ckpt / "best.pt", ckpt / "member-2" / "best.pt", ckpt / "soup.pt"))
+    first, second = assert_exports_soup(opt_ml, 2)
     assert not torch.equal(first["head.weight"], second["head.weight"])
-    expected = average_weights([first, second])
-    assert all(torch.equal(soup[k], v) for k, v in expected.items())
-    bundle = read_bundle(opt_ml / "model")
-    np.testing.assert_allclose(bundle.meta["cam"]["weights"], soup["head.weight"].double().numpy(), atol=1e-7)
-    assert bundle.meta["provenance"]["hyperparameters"]["soup"] == 2
 
 
 def test_metric_definitions_see_one_point_per_epoch_and_lr_keeps_its_digits(trained):
@@ -322,8 +332,6 @@ def test_probed_run_exports_the_interpolated_weights_and_exports_again_without_t
 def test_soup_exports_the_average_of_its_networks_and_a_larger_soup_reuses_them(tmp_path):
     import torch
 
-    from training_job.engine import average_weights
-
     opt_ml = tmp_path
     train = subset(opt_ml / "input" / "data" / "train", 24)
     env = sm_env(opt_ml, train)
@@ -334,15 +342,8 @@ def test_soup_exports_the_average_of_its_networks_and_a_larger_soup_reuses_them(
     assert "model soup: network 2 of 2 (seed 43)" in proc.stdout
     assert [int(m[0]) for m in METRIC_LINE.findall(proc.stdout)] == [1, 1]  # SageMaker sees each network's epoch
     ckpt = opt_ml / "checkpoints"
-    first, second, soup = (torch.load(p, weights_only=False)["model"]
-                           for p in (ckpt / "best.pt", ckpt / "member-2" / "best.pt", ckpt / "soup.pt"))
+    first, second = assert_exports_soup(opt_ml, 2)
     assert not torch.equal(first["head.weight"], second["head.weight"])  # two seeds, two networks
-    expected = average_weights([first, second])
-    assert all(torch.equal(soup[k], v) for k, v in expected.items())
-    bundle = read_bundle(opt_ml / "model")
-    # The exported network is the soup: its classifier head is the one the heatmaps use.
-    np.testing.assert_allclose(bundle.meta["cam"]["weights"], soup["head.weight"].double().numpy(), atol=1e-7)
-    assert bundle.meta["provenance"]["hyperparameters"]["soup"] == 2
     card = (opt_ml / "model" / "report" / "MODEL_CARD.md").read_text()
     assert "a uniform model soup, the average of 2 networks" in card and "seeds 42, 43" in card
     history = json.loads((opt_ml / "output" / "data" / "history.json").read_text())
@@ -353,9 +354,7 @@ def test_soup_exports_the_average_of_its_networks_and_a_larger_soup_reuses_them(
     assert bigger.returncode == 0, bigger.stderr[-2000:]
     assert bigger.stdout.count("resumed from checkpoint at epoch 1") == 2 and "network 3 of 3 (seed 44)" in bigger.stdout
     assert len(METRIC_LINE.findall(bigger.stdout)) == 1
-    third = torch.load(ckpt / "member-3" / "best.pt", weights_only=False)["model"]
-    np.testing.assert_allclose(read_bundle(opt_ml / "model").meta["cam"]["weights"],
-                               average_weights([first, second, third])["head.weight"].double().numpy(), atol=1e-7)
+    assert_exports_soup(opt_ml, 3)
     history = json.loads((opt_ml / "output" / "data" / "history.json").read_text())
     assert [(h["member"], h["epoch"]) for h in history] == [(1, 1), (2, 1), (3, 1)]
 
