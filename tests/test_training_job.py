@@ -193,6 +193,28 @@ def test_bad_input_fails_clearly_and_leaves_no_bundle(tmp_path, case, needle):
     _assert_failed(opt_ml, proc, needle)
 
 
+def test_local_failure_touches_only_the_folders_the_command_named(tmp_path):
+    """A local run (no SageMaker) that fails leaves the default runs/ folder alone: it may hold another
+    run's model. With unreadable arguments nothing is written; otherwise the named folders get the
+    failure file and lose their bundle."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
+    default = tmp_path / "runs" / "model"
+    default.mkdir(parents=True)
+    (default / "bundle.json").write_text("{}")
+    mine = tmp_path / "mine"
+    (mine / "model").mkdir(parents=True)
+    (mine / "model" / "bundle.json").write_text("{}")
+    named = ["--model-dir", str(mine / "model"), "--output-data-dir", str(mine / "output" / "data")]
+    for bad in (["--soup", "0"], ["--soup", "abc"]):
+        proc = run_entrypoint(tmp_path, env, *named, *bad, "--train", str(DATA_224 / "train"))
+        assert proc.returncode == 1 and "training failed: " in proc.stderr and "Traceback" not in proc.stderr
+        assert (default / "bundle.json").exists() and not (tmp_path / "runs" / "output").exists()
+    missing = run_entrypoint(tmp_path, env, *named, "--train", str(tmp_path / "nowhere"))
+    assert missing.returncode == 1
+    assert "does not exist" in (mine / "output" / "failure").read_text()
+    assert not (mine / "model" / "bundle.json").exists() and (default / "bundle.json").exists()
+
+
 def test_dashes_and_underscores_and_string_booleans_are_accepted():
     from training_job.train import parse_args
 

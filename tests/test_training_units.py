@@ -306,8 +306,11 @@ def test_soup_needs_pretrained_weights_and_its_size_stays_out_of_the_checkpoint_
     assert member_dir("ck", 0).as_posix() == "ck" and member_dir("ck", 2).as_posix() == "ck/member-3"
     with pytest.raises(TrainingError, match="soup must be at least 1"):
         parse_args([*train, "--soup", "0"])
-    with pytest.raises(TrainingError, match="it needs --pretrained"):
+    with pytest.raises(TrainingError, match="it needs --pretrained and one of resnet18, resnet34, efficientnet_lite0"):
         parse_args([*train, "--architecture", "resnet10", "--soup", "2"])
+    # an architecture without weights is named before any data is decoded, not after
+    with pytest.raises(TrainingError, match="no pretrained weights exist for resnet10; .* or --pretrained false"):
+        parse_args([*train, "--architecture", "resnet10", "--soup", "2", "--pretrained", "true"])
     with pytest.raises(TrainingError, match="use one of them"):
         parse_args([*train, "--soup", "2", "--linear-probe-c", "0.3", "--wise-alpha", "0.5"])
 

@@ -204,6 +204,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.pretrained = False  # the recipe's weights belong to its own architecture, not to an override
     if args.soup > 1 and "--soup" not in given and (not args.pretrained or args.wise_alpha < 1):
         args.soup = 1  # the recipe's soup applies where one can be made: pretrained weights, no WiSE-FT
+    try:
+        check_args(args)
+    except TrainingError as exc:
+        exc.namespace = args  # the folders the run was given: main() reports the failure there
+        raise
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse settings that cannot make a model (:class:`TrainingError`, one line a user can act on)
+    before any data is read; fills in the training and validation channels from ``--data``."""
+    if args.pretrained and args.architecture not in PRETRAINED:
+        raise TrainingError(f"no pretrained weights exist for {args.architecture}; use one of {', '.join(PRETRAINED)} "
+                            "or --pretrained false")
     if args.epochs < 1:
         raise TrainingError(f"epochs must be at least 1 (got {args.epochs}): a zero-epoch run cannot produce a model")
     if args.batch_size < 2:
@@ -229,7 +243,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise TrainingError("soup must be at least 1: the number of networks whose weights are averaged")
     if args.soup > 1 and not args.pretrained:
         raise TrainingError("soup above 1 averages networks fine-tuned from the same pretrained weights: it needs "
-                            "--pretrained (networks trained from different random weights do not average)")
+                            f"--pretrained and one of {', '.join(PRETRAINED)} (networks trained from different "
+                            "random weights do not average)")
     if args.soup > 1 and args.wise_alpha < 1:
         raise TrainingError("wise-alpha and soup each choose the exported weights: use one of them")
     if args.wise_alpha < 1 and not args.linear_probe_c > 0:
@@ -250,16 +265,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise TrainingError(f"train channel {args.train} does not exist (is the 'train' channel configured?)")
     if args.val and not Path(args.val).is_dir():
         raise TrainingError(f"val channel {args.val} does not exist")
-    return args
 
 
-def failure_file(args_or_none) -> Path:
+def failure_file(args_or_none) -> Path | None:
+    """Where a failed run writes its one-line reason: SageMaker's ``failure`` file, else beside the
+    output data folder. ``None`` when the arguments could not be read outside SageMaker: the folder the
+    user meant is unknown, and a default one may hold another run's files."""
     if os.environ.get("SM_OUTPUT_DIR"):
         return Path(os.environ["SM_OUTPUT_DIR"]) / "failure"
     if Path("/opt/ml/output").is_dir():
         return Path("/opt/ml/output/failure")
-    out = getattr(args_or_none, "output_data_dir", None) or os.environ.get("SM_OUTPUT_DATA_DIR") or "runs/output/data"
-    return Path(out).parent / "failure"
+    out = getattr(args_or_none, "output_data_dir", None) or os.environ.get("SM_OUTPUT_DATA_DIR")
+    return Path(out).parent / "failure" if out else None
 
 
 # ---------------------------------------------------------------- processes
@@ -579,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         fail = failure_file(args)
-        if fail.exists():
+        if fail and fail.exists():
             fail.unlink()
         clear_previous_bundle(Path(args.model_dir))
         hosts, node_rank, per_host = plan_processes(args)
@@ -597,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (TrainingError, ImageError, DatasetLayoutError, ExportError) as exc:
         reason = str(exc)
+        args = args or getattr(exc, "namespace", None)
     except torch.multiprocessing.ProcessRaisedException as exc:
         text = str(exc).strip().splitlines()
         reason = next((ln for ln in reversed(text) if "Error" in ln), text[-1] if text else "a training process failed")
@@ -606,12 +624,17 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         reason = f"internal error: {type(exc).__name__}: {exc}"
     print(f"training failed: {reason}", file=sys.stderr, flush=True)
+    # No bundle is left where this run was to write one. When the arguments could not be read, only
+    # SageMaker's own folders are known; a local default folder may hold another run's model.
+    model_dir = getattr(args, "model_dir", None) or os.environ.get("SM_MODEL_DIR")
+    fail = failure_file(args)
     with contextlib.suppress(OSError):
-        clear_previous_bundle(Path(getattr(args, "model_dir", None) or os.environ.get("SM_MODEL_DIR") or "runs/model"))
+        if model_dir:
+            clear_previous_bundle(Path(model_dir))
     with contextlib.suppress(OSError):
-        fail = failure_file(args)
-        fail.parent.mkdir(parents=True, exist_ok=True)
-        fail.write_text(reason[:1000] + "\n")
+        if fail:
+            fail.parent.mkdir(parents=True, exist_ok=True)
+            fail.write_text(reason[:1000] + "\n")
     return 1
 
 
