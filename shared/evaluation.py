@@ -156,8 +156,11 @@ def metrics_with_ci(y_true: np.ndarray, p_pos: np.ndarray, threshold: float, n_r
 
 
 def format_with_ci(metrics: dict[str, Any], name: str, digits: int = 3) -> str:
-    """``0.953 [0.931, 0.972]``: a figure and its interval from :func:`metrics_with_ci`'s output."""
-    value = metrics.get(name, float("nan"))
+    """``0.953 [0.931, 0.972]``: a figure and its interval from :func:`metrics_with_ci`'s output;
+    ``n/a`` for a figure the data cannot give (sensitivity without PNEUMONIA images, say)."""
+    value = metrics.get(name)
+    if value is None or math.isnan(value):
+        return "n/a"
     lo, hi = metrics.get("ci", {}).get(name, (float("nan"), float("nan")))
     if lo is None or hi is None or math.isnan(lo):
         return f"{value:.{digits}f}"

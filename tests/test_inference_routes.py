@@ -250,6 +250,35 @@ def test_probability_equals_the_evaluation_command(inference_app, tiny_bundle, o
         assert abs(body["probability"] - scored[str(path)]) <= 1e-6  # the CSV keeps six decimals
 
 
+def test_evaluation_command_names_skipped_files_missing_classes_and_bad_paths(tiny_bundle, originals, tmp_path, capsys):
+    from training_job.evaluate import main
+
+    data = tmp_path / "data"
+    (data / "NORMAL").mkdir(parents=True)
+    for path in originals:
+        if path.parent.name == "NORMAL":
+            (data / "NORMAL" / path.name).write_bytes(path.read_bytes())
+    (data / "NORMAL" / "x.jpeg").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    assert main(["--bundle", str(tiny_bundle), "--data", str(data), "--out", str(out)]) == 0
+    printed, errors = capsys.readouterr()
+    assert f"skipped unreadable image {data / 'NORMAL' / 'x.jpeg'}: the body is text, not an image" in errors
+    assert "3 images" in printed and "sensitivity n/a" in printed and "ROC AUC n/a" in printed
+    assert "1 unreadable image skipped (no PNEUMONIA images: ROC AUC needs both classes)" in printed
+
+    (tmp_path / "a-file").write_text("")
+    for argv, message in [
+        (["--bundle", str(tmp_path / "nope.tar.gz"), "--data", str(data)], f"bundle {tmp_path / 'nope.tar.gz'} does not exist"),
+        (["--bundle", str(tiny_bundle), "--data", str(tmp_path / "nowhere")], f"data folder {tmp_path / 'nowhere'} does not exist"),
+        (["--bundle", str(tiny_bundle), "--data", str(tmp_path), "--split", "bogus"], "has no bogus/ folder (--split)"),
+        (["--bundle", str(tiny_bundle), "--data", str(data), "--out", str(tmp_path / "a-file")],
+         f"cannot write results to {tmp_path / 'a-file'}"),
+    ]:
+        assert main(argv + (["--out", str(out)] if "--out" not in argv else [])) == 1
+        errors = capsys.readouterr().err
+        assert errors.startswith("evaluation failed: ") and message in errors and len(errors.splitlines()) == 1, errors
+
+
 def test_cors_with_several_origins_answers_the_callers_and_never_any(monkeypatch, tiny_bundle, tmp_path):
     import importlib
 

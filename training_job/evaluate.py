@@ -28,8 +28,14 @@ from training_job.report import write_json
 
 
 def find_class_root(data: Path, split: str | None) -> Path:
+    """The folder holding NORMAL/ and PNEUMONIA/: ``data`` itself, or its ``split`` folder (default:
+    test, else val, else train). Raises :class:`DatasetLayoutError` naming what is missing."""
+    if not data.is_dir():
+        raise DatasetLayoutError(f"data folder {data} does not exist")
     if any((data / c).is_dir() or (data / c.lower()).is_dir() for c in CLASS_NAMES):
         return data
+    if split and not (data / split).is_dir():
+        raise DatasetLayoutError(f"{data} has no {split}/ folder (--split) and no NORMAL/ or PNEUMONIA/ folder")
     for name in ([split] if split else ["test", "val", "train"]):
         if (data / name).is_dir():
             return data / name
@@ -37,6 +43,13 @@ def find_class_root(data: Path, split: str | None) -> Path:
 
 
 def evaluate(bundle_path: Path, data: Path, out: Path, split: str | None = None, progress: bool = False) -> dict:
+    """Score the bundle at ``bundle_path`` on the labelled images under ``data``; write
+    ``metrics.json`` and ``predictions.csv`` into ``out``; return the metrics
+    (:func:`shared.evaluation.metrics_with_ci`, with ``skipped``: the unreadable files, each with its
+    code and reason). Raises :class:`BundleError` or :class:`DatasetLayoutError` on a missing or
+    unusable bundle or data folder, :class:`OSError` when ``out`` cannot be written."""
+    if not bundle_path.exists():
+        raise BundleError(f"bundle {bundle_path} does not exist")
     bundle = read_bundle(bundle_path)
     predictor = OnnxPredictor(bundle)
     root = find_class_root(data, split)
@@ -85,14 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        args.out.mkdir(parents=True, exist_ok=True)  # before scoring: a folder that cannot be written fails at once
         m = evaluate(args.bundle, args.data, args.out, args.split, progress=sys.stderr.isatty())
     except (BundleError, DatasetLayoutError) as exc:
         print(f"evaluation failed: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"evaluation failed: cannot write results to {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    for s in m["skipped"]:
+        print(f"skipped unreadable image {s['file']}: {s['reason']}", file=sys.stderr)
+    missing = [c for c, count in zip(CLASS_NAMES, (m["negatives"], m["positives"]), strict=True) if count == 0]
     print(f"{m['n']} images, threshold {m['threshold']:.4f} (95% CI): accuracy {format_with_ci(m, 'accuracy', 4)}, "
           f"sensitivity {format_with_ci(m, 'sensitivity', 4)}, specificity {format_with_ci(m, 'specificity', 4)}, "
           f"ROC AUC {format_with_ci(m, 'roc_auc', 4)}"
-          + (f"; {len(m['skipped'])} unreadable images skipped" if m["skipped"] else ""))
+          + (f"; {len(m['skipped'])} unreadable image{'s' if len(m['skipped']) > 1 else ''} skipped"
+             if m["skipped"] else "")
+          + (f" (no {' or '.join(missing)} images: ROC AUC needs both classes)" if missing else ""))
     print(f"wrote {args.out / 'metrics.json'} and {args.out / 'predictions.csv'}")
     return 0
 
