@@ -250,8 +250,12 @@ def unpack(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
             if sum(m.size for m in members) > _MAX_UNPACKED_BYTES:
                 raise BundleError("model archive unpacks to more than 512 MB; refusing to unpack")
             tar.extractall(dest, filter="data")
+    except tarfile.ReadError:
+        raise BundleError(f"cannot unpack model archive {Path(archive).name}: not a tar archive "
+                          "(plain, gzip, bzip2 or xz)") from None
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise BundleError(f"cannot unpack model archive {Path(archive).name}: {exc}") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        raise BundleError(f"cannot unpack model archive {Path(archive).name}: {reason}") from None
     return dest
 
 
@@ -261,6 +265,9 @@ def read_bundle(path: str | os.PathLike, unpack_to: str | os.PathLike | None = N
     if p.is_file():
         dest = Path(unpack_to) if unpack_to else Path(tempfile.mkdtemp(prefix="bundle-"))
         p = unpack(p, dest)
+        if not (p / BUNDLE_JSON).is_file():
+            raise BundleError(f"model archive {Path(path).name} holds no {BUNDLE_JSON} at its top level: "
+                              "not a model bundle")
     if not (p / BUNDLE_JSON).is_file():
         raise BundleError(f"{p} holds no {BUNDLE_JSON}: not a model bundle")
     try:

@@ -92,5 +92,14 @@ def test_unpack_refuses_paths_outside_destination(tmp_path):
 def test_garbage_archive_is_a_bundle_error(tmp_path):
     bad = tmp_path / "model.tar.gz"
     bad.write_bytes(b"not a tarball")
-    with pytest.raises(BundleError, match="cannot unpack"):
+    with pytest.raises(BundleError, match=r"^cannot unpack model archive model.tar.gz: not a tar archive") as err:
         read_bundle(bad)
+    assert "\n" not in str(err.value)
+    # an archive with the bundle one folder down names the archive, not the temporary folder it went to
+    nested = tmp_path / "nested.tar.gz"
+    with tarfile.open(nested, "w:gz") as tar:
+        info = tarfile.TarInfo("model/bundle.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    with pytest.raises(BundleError, match="^model archive nested.tar.gz holds no bundle.json at its top level"):
+        read_bundle(nested)
