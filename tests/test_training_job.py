@@ -229,8 +229,8 @@ def test_booleans_are_flags_that_still_take_an_explicit_value():
     train = str(DATA_224 / "train")
     bare = parse_args(["--train", train, "--tta", "--epochs", "3", "--hflip", "--amp=false", "--calibrate", "no"])
     assert (bare.tta, bare.hflip, bare.amp, bare.calibrate, bare.epochs) == (True, True, False, False, 3)
-    last = parse_args(["--train", train, "--recipe", "quick", "--pretrained"])
-    assert last.pretrained is True and last.architecture == "resnet10"
+    last = parse_args(["--train", train, "--recipe", "quick", "--architecture", "resnet18", "--pretrained"])
+    assert last.pretrained is True and last.architecture == "resnet18"
     assert parse_args(["--train", train]).pretrained is True  # the default recipe's
     assert parse_args(["--train", train, "--pretrained", "false"]).pretrained is False
     with pytest.raises(TrainingError, match="--tta: expected true or false, got 'maybe'"):
