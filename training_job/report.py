@@ -101,16 +101,17 @@ def write_report(out: Path, *, metrics: dict, y_val: np.ndarray, p_val: np.ndarr
         rows = [h for h in history if h.get("member", 1) == member]
         epochs = [h["epoch"] for h in rows]
         tag, style = (f", network {member}", ["-", "--", ":", "-."][i % 4]) if len(members) > 1 else ("", "-")
-        a1.plot(epochs, [h["train_loss"] for h in rows], style, marker="o", markersize=3, color="tab:blue", label=f"train loss{tag}")
-        a1.plot(epochs, [h["val_loss"] for h in rows], style, marker="o", markersize=3, color="tab:red", label=f"validation loss{tag}")
-        a2.plot(epochs, [h["val_auc"] for h in rows], style, marker="o", markersize=3, color="green", label=f"validation ROC AUC{tag}")
-        a2.plot(epochs, [h["val_acc"] for h in rows], style, marker="o", markersize=3, color="orange",
+        dots = {"marker": "o", "markersize": 3}  # a one-epoch network is a point, not an invisible line
+        a1.plot(epochs, [h["train_loss"] for h in rows], style, **dots, color="tab:blue", label=f"train loss{tag}")
+        a1.plot(epochs, [h["val_loss"] for h in rows], style, **dots, color="tab:red", label=f"validation loss{tag}")
+        a2.plot(epochs, [h["val_auc"] for h in rows], style, **dots, color="green", label=f"validation ROC AUC{tag}")
+        a2.plot(epochs, [h["val_acc"] for h in rows], style, **dots, color="orange",
                 label=f"validation accuracy (threshold 0.5){tag}")
     a1.set_ylabel("cross-entropy loss")
     a2.set_ylabel("ROC AUC / accuracy")
     for a in (a1, a2):
         a.set_xlabel("epoch")
-        a.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # epochs are whole; a 1-epoch run still shows points
+        a.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs only
         a.set_xlim(0.5, max((h["epoch"] for h in history), default=1) + 0.5)
         for i, epoch in enumerate(e for e in chosen if e):
             tag = f", network {i + 1}" if len(chosen) > 1 else ""
