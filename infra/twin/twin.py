@@ -234,7 +234,7 @@ class Twin:
                 key = path.read_text().strip()
             except OSError:
                 key = ""
-            key = key or secrets.token_urlsafe(24)
+            key = key or secrets.token_hex(24)  # never starts with '-', which a command line would read as an option
         if len(key) < 20 or not re.fullmatch(r"[A-Za-z0-9_\-]+", key):
             raise ValueError("an API key must be at least 20 characters of letters, digits, '-' and '_'")
         path.write_text(key + "\n")
