@@ -196,6 +196,12 @@ def pretrained_provenance(architecture: str, pretrained: bool) -> dict[str, Any]
 DEFAULT_WIDTH = {"seed_cnn": 32, "resnet10": 64}
 
 
+def check_pretrained(architecture: str) -> None:
+    """Raise ``ValueError`` when no pretrained weights exist for ``architecture`` (see :data:`PRETRAINED`)."""
+    if architecture not in PRETRAINED:
+        raise ValueError(f"no pretrained weights exist for {architecture}; use one of {', '.join(PRETRAINED)}")
+
+
 def build_model(architecture: str, in_channels: int = 1, num_classes: int = 2, width: int = 0,
                 dropout: float = 0.0, pretrained: bool = False, image_size: int = 224) -> Classifier:
     """``width`` (0 = the architecture's default) sets the first stage's channels of seed_cnn and
@@ -205,8 +211,8 @@ def build_model(architecture: str, in_channels: int = 1, num_classes: int = 2, w
     (px) fixes EfficientNet's "same" padding. Raises ``ValueError`` for an unknown architecture or
     weights that do not exist or fit."""
     width = width or DEFAULT_WIDTH.get(architecture, 64)
-    if pretrained and architecture not in PRETRAINED:
-        raise ValueError(f"no pretrained weights exist for {architecture}; use one of {', '.join(PRETRAINED)}")
+    if pretrained:
+        check_pretrained(architecture)
     if architecture == "seed_cnn":
         body, n = _seed_cnn(in_channels, width)
     elif architecture == "resnet10":

@@ -55,6 +55,7 @@ from training_job.models import (
     ARCHITECTURES,
     PRETRAINED,
     build_model,
+    check_pretrained,
     input_normalization,
     pretrained_provenance,
 )
@@ -215,9 +216,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     """Refuse settings that cannot make a model (:class:`TrainingError`, one line a user can act on)
     before any data is read; fills in the training and validation channels from ``--data``."""
-    if args.pretrained and args.architecture not in PRETRAINED:
-        raise TrainingError(f"no pretrained weights exist for {args.architecture}; use one of {', '.join(PRETRAINED)} "
-                            "or --pretrained false")
+    if args.pretrained:
+        try:
+            check_pretrained(args.architecture)
+        except ValueError as exc:
+            raise TrainingError(f"{exc} or --pretrained false") from None
     if args.epochs < 1:
         raise TrainingError(f"epochs must be at least 1 (got {args.epochs}): a zero-epoch run cannot produce a model")
     if args.batch_size < 2:
@@ -393,7 +396,7 @@ def run(args, dist_info: Dist) -> Path | None:
 
     if not dist_info.main:
         return None
-    info["initial_weights"] = pretrained_provenance(args.architecture, args.pretrained)  # once, after build_model checked it
+    info["initial_weights"] = pretrained_provenance(args.architecture, args.pretrained)  # once per run, not per network
     best_path, history, best = members[-1]
     export_path = best_path
     if args.soup > 1:
