@@ -260,8 +260,12 @@ def unpack(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
 
 
 def read_bundle(path: str | os.PathLike, unpack_to: str | os.PathLike | None = None) -> Bundle:
-    """Open a bundle folder or a ``model.tar.gz`` (unpacked to ``unpack_to`` or a temp folder)."""
+    """Open a bundle folder or a ``model.tar.gz`` (unpacked to ``unpack_to`` or a temp folder).
+    Raises :class:`BundleError` naming the reason: a missing path, an archive that does not unpack,
+    no ``bundle.json``, invalid metadata or a file that does not match its recorded checksum."""
     p = Path(path)
+    if not p.exists():
+        raise BundleError(f"bundle {p} does not exist")
     if p.is_file():
         dest = Path(unpack_to) if unpack_to else Path(tempfile.mkdtemp(prefix="bundle-"))
         p = unpack(p, dest)

@@ -103,3 +103,5 @@ def test_garbage_archive_is_a_bundle_error(tmp_path):
         tar.addfile(info, io.BytesIO(b"{}"))
     with pytest.raises(BundleError, match="^model archive nested.tar.gz holds no bundle.json at its top level"):
         read_bundle(nested)
+    with pytest.raises(BundleError, match="does not exist"):
+        read_bundle(tmp_path / "absent.tar.gz")

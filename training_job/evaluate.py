@@ -48,8 +48,6 @@ def evaluate(bundle_path: Path, data: Path, out: Path, split: str | None = None,
     (:func:`shared.evaluation.metrics_with_ci`, with ``skipped``: the unreadable files, each with its
     code and reason). Raises :class:`BundleError` or :class:`DatasetLayoutError` on a missing or
     unusable bundle or data folder, :class:`OSError` when ``out`` cannot be written."""
-    if not bundle_path.exists():
-        raise BundleError(f"bundle {bundle_path} does not exist")
     bundle = read_bundle(bundle_path)
     predictor = OnnxPredictor(bundle)
     root = find_class_root(data, split)
