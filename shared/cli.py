@@ -35,6 +35,8 @@ def shown_default(value: Any) -> str:
         return "true" if value else "false"
     if value is None or (isinstance(value, list | tuple | dict) and not value):
         return "none"
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value))
     return str(value)
 
 

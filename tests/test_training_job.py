@@ -396,3 +396,56 @@ def test_soup_exports_the_average_of_its_networks_and_a_larger_soup_reuses_them(
     torch.save(dict(stale, key="other settings"), ckpt / "member-2" / "best.pt")
     refused = run_entrypoint(opt_ml, env, *hp, "--soup", "2")
     assert refused.returncode == 1 and "network 2's best checkpoint" in refused.stderr, refused.stderr[-2000:]
+
+
+def _probabilities(path: Path) -> dict[str, float]:
+    return {Path(r["path"]).name: float(r["probability_pneumonia"]) for r in csv.DictReader(open(path))}
+
+
+def test_test_time_views_are_served_as_calibrated_and_added_to_a_finished_run(tmp_path):
+    opt_ml = tmp_path / "opt_ml"
+    train = subset(opt_ml / "input" / "data" / "train", 24)
+    env = sm_env(opt_ml, train)
+    hp = ["--epochs", "1", *QUICK]
+    plain = run_entrypoint(opt_ml, env, *hp)
+    assert plain.returncode == 0, plain.stdout[-2000:] + plain.stderr[-3000:]
+    before = _probabilities(opt_ml / "output" / "data" / "val_predictions.csv")
+
+    # Views are applied after training: the finished run is exported again, not retrained.
+    views = run_entrypoint(opt_ml, env, *hp, "--tta", "true", "--tta-zoom-out", "1.2,1.5")
+    assert views.returncode == 0, views.stdout[-2000:] + views.stderr[-3000:]
+    assert "resumed from checkpoint at epoch 1" in views.stdout and not METRIC_LINE.search(views.stdout)
+    bundle = read_bundle(opt_ml / "model")
+    assert bundle.meta["onnx"]["test_time_views"] == {"hflip": True, "zoom_out": [1.2, 1.5]}
+    card = (opt_ml / "model" / "report" / "MODEL_CARD.md").read_text()
+    assert "its mirror image, a copy shrunk by 1.2, a copy shrunk by 1.5" in card
+    calibrated = _probabilities(opt_ml / "output" / "data" / "val_predictions.csv")
+    assert calibrated.keys() == before.keys()
+    assert max(abs(calibrated[k] - before[k]) for k in before) > 1e-3  # the views changed the predictions
+
+    # The serving path (ONNX Runtime through the evaluation command) gives exactly the
+    # probabilities that calibration and the threshold were computed from.
+    layout = tmp_path / "val"
+    for r in csv.DictReader(open(opt_ml / "output" / "data" / "val_predictions.csv")):
+        (layout / r["label"]).mkdir(parents=True, exist_ok=True)
+        (layout / r["label"] / Path(r["path"]).name).symlink_to(opt_ml / "input" / "data" / r["path"])
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, "-m", "training_job.evaluate", "--bundle", str(opt_ml / "model"),
+                           "--data", str(layout), "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    served = _probabilities(out / "predictions.csv")
+    assert served.keys() == calibrated.keys()
+    assert max(abs(served[k] - calibrated[k]) for k in served) <= 1e-4
+
+
+def test_zoom_out_views_are_checked_when_the_arguments_are_read(tmp_path):
+    from training_job.train import TrainingError, parse_args
+
+    train = str(subset(tmp_path / "train", 1))
+    assert parse_args(["--train", train, "--tta-zoom-out", "1.1, 1.2,1.3"]).tta_zoom_out == (1.1, 1.2, 1.3)
+    assert parse_args(["--train", train, "--tta-zoom-out", ""]).tta_zoom_out == ()
+    with pytest.raises(TrainingError, match="zoom-out factors must be above 1 and at most 2, got 0.9"):
+        parse_args(["--train", train, "--tta-zoom-out", "1.1,0.9"])
+    with pytest.raises(TrainingError, match="expected zoom-out factors such as 1.1,1.2,1.3, got 'big'"):
+        parse_args(["--train", train, "--tta-zoom-out", "big"])

@@ -417,3 +417,42 @@ def test_the_optimizer_training_builds_gives_the_backbone_its_share_of_the_rate(
     assert sum(len(g["params"]) for g in slower.param_groups) == len(list(model.parameters()))
     one = make_optimizer(parse_args([*train, "--optimizer", "adam"]), model)
     assert type(one) is torch.optim.Adam and len(one.param_groups) == 1
+
+
+def test_test_time_views_average_the_network_over_the_image_its_mirror_and_shrunk_copies():
+    import torch.nn.functional as F
+
+    from training_job.models import TestTimeViews, with_test_time_views
+
+    torch.manual_seed(0)
+    net = build_model("seed_cnn", 1, 2, width=8).eval()
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        logits, fmap = TestTimeViews(net, 64, hflip=True, zoom_out=(1.25,)).forward_with_features(x)
+        # A copy shrunk by 1.25: the image in the middle 64/1.25 = 51.2 px, its border pixels around it.
+        grid = F.affine_grid(torch.tensor([[[1.25, 0, 0], [0, 1.25, 0]]]).expand(3, 2, 3), [3, 1, 64, 64],
+                             align_corners=False)
+        shrunk = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+        expected = (net(x) + net(x.flip(3)) + net(shrunk)) / 3
+        assert torch.allclose(logits, expected, atol=1e-6)
+        assert torch.equal(fmap, net.forward_with_features(x)[1])  # heatmap and refusal check: the image itself
+        # The frame around the shrunk image repeats the image's edge: its corner is the image's corner.
+        assert torch.allclose(shrunk[:, :, 0, 0], x[:, :, 0, 0]) and torch.allclose(shrunk[:, :, -1, -1], x[:, :, -1, -1])
+    assert with_test_time_views(net, 64) is net
+    with pytest.raises(ValueError, match="above 1 and at most 2"):
+        TestTimeViews(net, 64, zoom_out=(0.8,))
+
+
+def test_test_time_views_stay_out_of_the_checkpoint_key():
+    from conftest import DATA_224
+
+    from training_job.train import checkpoint_key, parse_args
+
+    info = {"fingerprint": "f"}
+    train = ["--train", str(DATA_224 / "train")]
+    plain = parse_args(train)
+    assert checkpoint_key(plain, info) == checkpoint_key(parse_args([*train, "--tta", "--tta-zoom-out", "1.2"]), info)
+    before = parse_args(train)
+    del before.tta_zoom_out  # a run from before the option existed
+    assert checkpoint_key(plain, info) == checkpoint_key(before, info)
+    assert checkpoint_key(plain, info) != checkpoint_key(parse_args([*train, "--epochs", "3"]), info)

@@ -104,14 +104,15 @@ def _inputs(split: D.Split, spec: PreprocessSpec, device, batch: int):
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, split: D.Split, spec: PreprocessSpec, device, batch: int, tta: bool) -> torch.Tensor:
+def predict_logits(model: nn.Module, split: D.Split, spec: PreprocessSpec, device, batch: int) -> torch.Tensor:
+    """Logits of ``model`` (eval mode) for every image of ``split``: N x classes float32 on the CPU.
+
+    Test-time views are part of the model (:class:`training_job.models.TestTimeViews`), so this
+    is what the exported ONNX graph computes."""
     model.eval()
     out = []
     for x in _inputs(split, spec, device, batch):
-        logits = model(x).float()
-        if tta:
-            logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
-        out.append(logits.cpu())
+        out.append(model(x).float().cpu())
     return torch.cat(out) if out else torch.zeros((0, len(CLASS_NAMES)))
 
 
@@ -158,11 +159,11 @@ def train_one_epoch(model: nn.Module, ddp_model: nn.Module, train: D.Split, spec
     return total, count
 
 
-def evaluate(model: nn.Module, split: D.Split, spec: PreprocessSpec, device: torch.device, tta: bool) -> dict:
+def evaluate(model: nn.Module, split: D.Split, spec: PreprocessSpec, device: torch.device) -> dict:
     """Loss and figures of ``model`` on a labelled split at threshold 0.5 (the per-epoch metric line):
     ``{"val_loss", "val_auc", "val_acc", "logits"}`` with logits N x 2 float32 on the CPU."""
     t0 = time.time()
-    logits = predict_logits(model, split, spec, device, 128, tta)
+    logits = predict_logits(model, split, spec, device, 128)
     loss = float(nn.CrossEntropyLoss()(logits, split.labels))
     probs = F.softmax(logits, 1)[:, POSITIVE_INDEX].numpy()
     m = metrics_at_threshold(split.labels.numpy(), probs, 0.5)

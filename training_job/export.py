@@ -19,7 +19,7 @@ from shared.labels import CLASS_NAMES
 
 from . import engine as E
 from .metrics import fit_temperature, threshold_for_policy
-from .models import Classifier, ExportWrapper
+from .models import Classifier, ExportWrapper, TestTimeViews, with_test_time_views
 from .ood import fit_ood
 from .report import write_json, write_report
 
@@ -31,7 +31,7 @@ class ExportError(RuntimeError):
     pass
 
 
-def export_onnx(model: Classifier, example: torch.Tensor, path: str | Path) -> float:
+def export_onnx(model: Classifier | TestTimeViews, example: torch.Tensor, path: str | Path) -> float:
     """Write ``model`` as ONNX (outputs: logits, features) and return the largest difference
     between ONNX Runtime and torch on ``example``; raise :class:`ExportError` above tolerance."""
     import onnxruntime as ort
@@ -73,11 +73,14 @@ def cam_weights(model: Classifier) -> dict[str, list]:
 def write_model_bundle(model: Classifier, spec, out_dir: str | Path, *, model_version: str, threshold: float,
                        temperature: float, architecture: str, validation_metrics: dict, provenance: dict,
                        report_dir: str | Path | None = None, example_batch: int = 4,
-                       ood: tuple[dict, bytes] | None = None) -> Path:
+                       ood: tuple[dict, bytes] | None = None, tta_hflip: bool = False,
+                       tta_zoom_out: tuple[float, ...] = ()) -> Path:
     """Export ``model`` to ONNX, check parity, and write a complete bundle into ``out_dir``.
 
     ``ood`` is the out-of-distribution check from :func:`training_job.ood.fit_ood`; without it the
-    bundle serves with the check reported unavailable."""
+    bundle serves with the check reported unavailable. ``tta_hflip`` and ``tta_zoom_out`` put
+    test-time views into the graph (:class:`training_job.models.TestTimeViews`); ``bundle.json``
+    lists them under ``onnx.test_time_views``."""
     import tempfile
 
     from shared.bundle import FORMAT_VERSION, write_bundle
@@ -87,7 +90,8 @@ def write_model_bundle(model: Classifier, spec, out_dir: str | Path, *, model_ve
     example = torch.randn(example_batch, spec.channels, spec.size, spec.size, generator=generator)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        diff = export_onnx(model, example, onnx_path)
+        served = with_test_time_views(model, spec.size, tta_hflip, tta_zoom_out)
+        diff = export_onnx(served, example, onnx_path)
         meta = {
             "format_version": FORMAT_VERSION,
             "model_version": model_version,
@@ -98,7 +102,8 @@ def write_model_bundle(model: Classifier, spec, out_dir: str | Path, *, model_ve
             "threshold": float(threshold),
             "temperature": float(temperature),
             "onnx": {"file": "model.onnx", "input": INPUT_NAME, "outputs": list(OUTPUT_NAMES), "opset": OPSET,
-                     "parity_max_abs_diff": diff},
+                     "parity_max_abs_diff": diff,
+                     "test_time_views": {"hflip": bool(tta_hflip), "zoom_out": list(tta_zoom_out)}},
             "cam": cam_weights(model),
             "metrics": {"validation": validation_metrics},
             "provenance": provenance,
@@ -132,7 +137,9 @@ def write_outputs(args, spec, model: Classifier, best_path: Path, val, info: dic
     model = model.cpu().to(memory_format=torch.contiguous_format)
     model.load_state_dict(E.plain_state_dict(state["model"]))
     model.eval()
-    logits = E.predict_logits(model, val, spec, torch.device("cpu"), 128, args.tta).double().numpy()
+    # Calibration and the threshold see what the exported graph computes, test-time views included.
+    served = with_test_time_views(model, spec.size, args.tta, args.tta_zoom_out)
+    logits = E.predict_logits(served, val, spec, torch.device("cpu"), 128).double().numpy()
     y = val.labels.numpy()
     temperature = fit_temperature(logits, y) if args.calibrate else 1.0
     probs = E.softmax_positive(logits, temperature)
@@ -173,7 +180,8 @@ def write_outputs(args, spec, model: Classifier, best_path: Path, val, info: dic
         "temperature": temperature, "device": device_name, "started_at": started, "finished_at": finished,
         "counts": info["counts"], "val_source": info["val_source"], "fingerprint": info["fingerprint"],
         "initial_weights": (info.get("initial_weights") or {}).get("name"), "select_metric": args.select_metric,
-        "threshold_policy": policy, "soup_seeds": [args.seed + m for m in range(args.soup)] if args.soup > 1 else None,
+        "threshold_policy": policy, "test_time_views": {"hflip": bool(args.tta), "zoom_out": list(args.tta_zoom_out)},
+        "soup_seeds": [args.seed + m for m in range(args.soup)] if args.soup > 1 else None,
     }
     write_report(work, metrics={"validation": vm, "history": history}, y_val=y, p_val=probs, history=history,
                  summary=summary)
@@ -184,7 +192,7 @@ def write_outputs(args, spec, model: Classifier, best_path: Path, val, info: dic
     try:
         write_model_bundle(model, spec, model_dir, model_version=version, threshold=threshold, temperature=temperature,
                            architecture=args.architecture, validation_metrics=vm, provenance=provenance,
-                           report_dir=work, ood=ood)
+                           report_dir=work, ood=ood, tta_hflip=args.tta, tta_zoom_out=tuple(args.tta_zoom_out))
     except ExportError as exc:
         raise ExportError(f"export failed: {exc}") from None
     finally:

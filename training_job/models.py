@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet
 
@@ -45,10 +47,71 @@ class Classifier(nn.Module):
         return logits, fmap
 
 
-class ExportWrapper(nn.Module):
-    """What goes into ONNX: (logits, last feature map)."""
+ZOOM_OUT_RANGE = (1.0, 2.0)  # exclusive low, inclusive high: a test-time view's zoom-out factor
 
-    def __init__(self, model: Classifier):
+
+class TestTimeViews(nn.Module):
+    """A classifier whose logits are the mean over fixed views of each image (test-time augmentation).
+
+    The views are the image itself, then its mirror image when ``hflip``, then one copy per factor
+    ``z`` in ``zoom_out``: the image shrunk to ``1/z`` of its side in the middle of the frame, the
+    border pixels replicated around it (bilinear ``grid_sample`` on a fixed grid, so it exports to
+    ONNX's GridSample). They run as one batch of ``views x N`` images. Because the views are part of
+    the network, the exported ONNX graph serves exactly what calibration and the threshold saw.
+
+    ``forward_with_features(x)``: ``x`` N x C x S x S float32 (``S = image_size``) -> (logits N x
+    classes, the mean over views; the feature map of the image itself, N x K x h x w, which the
+    class activation map and the out-of-distribution check read). Raises ``ValueError`` for a zoom
+    factor outside (1, 2].
+    """
+
+    def __init__(self, model: Classifier, image_size: int, hflip: bool = False, zoom_out: Sequence[float] = ()):
+        super().__init__()
+        lo, hi = ZOOM_OUT_RANGE
+        bad = [z for z in zoom_out if not lo < float(z) <= hi]
+        if bad:
+            raise ValueError(f"zoom-out factors must be above {lo:g} and at most {hi:g}, got {bad}")
+        self.model = model
+        self.hflip = bool(hflip)
+        self.zoom_out = tuple(float(z) for z in zoom_out)
+        grids = [F.affine_grid(torch.tensor([[[z, 0.0, 0.0], [0.0, z, 0.0]]]), [1, 1, image_size, image_size],
+                               align_corners=False) for z in self.zoom_out]
+        self.register_buffer("grids", torch.cat(grids) if grids else torch.zeros(0), persistent=False)
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.model.head
+
+    def views(self, x: torch.Tensor) -> torch.Tensor:
+        """N x C x S x S -> (views x N) x C x S x S: the image itself first."""
+        out = [x] + ([torch.flip(x, dims=[3])] if self.hflip else [])
+        for i in range(len(self.zoom_out)):
+            grid = self.grids[i:i + 1].expand(x.shape[0], -1, -1, -1)
+            out.append(F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False))
+        return torch.cat(out) if len(out) > 1 else x
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        logits, fmap = self.model.forward_with_features(self.views(x))
+        n_views = 1 + int(self.hflip) + len(self.zoom_out)
+        return logits.reshape(n_views, -1, logits.shape[-1]).mean(0), fmap[:n]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_features(x)[0]
+
+
+def with_test_time_views(model: Classifier, image_size: int, hflip: bool = False,
+                         zoom_out: Sequence[float] = ()) -> nn.Module:
+    """``model`` itself when there are no views beyond the image, else :class:`TestTimeViews` around it."""
+    if not hflip and not zoom_out:
+        return model
+    return TestTimeViews(model, image_size, hflip, zoom_out)
+
+
+class ExportWrapper(nn.Module):
+    """What goes into ONNX: (logits, last feature map) of a :class:`Classifier` or :class:`TestTimeViews`."""
+
+    def __init__(self, model: Classifier | TestTimeViews):
         super().__init__()
         self.model = model
 

@@ -136,6 +136,17 @@ def _chosen_weights(s: dict) -> str:
     return f"Best epoch (chosen on validation {metric}): {s['best_epoch']} of {s['epochs']}"
 
 
+def _test_time_views(s: dict) -> str:
+    """The model card's line on the views whose logits the model averages (``summary["test_time_views"]``)."""
+    views = s.get("test_time_views") or {}
+    extra = (["its mirror image"] if views.get("hflip") else []) + [
+        f"a copy shrunk by {z:g}" for z in views.get("zoom_out") or []]
+    if not extra:
+        return "Test-time views: none (the image as it is)"
+    return (f"Test-time views: the logits are the mean over the image, {', '.join(extra)} (borders replicated), "
+            "in the exported model itself; calibration, threshold and these figures include them")
+
+
 def model_card(metrics: dict, s: dict) -> str:
     v = metrics["validation"]
 
@@ -158,6 +169,7 @@ PNEUMONIA; the label is PNEUMONIA when that probability is at or above the decis
 - Input: {s['preprocessing']['size']} x {s['preprocessing']['size']} px, {s['preprocessing']['channels']} channel(s), resize policy "{s['preprocessing']['resize']}"
 - Initial weights: {s.get('initial_weights') or 'random (trained from scratch)'}
 - {_chosen_weights(s)}; softmax temperature {s['temperature']:.3f} (fitted on validation)
+- {_test_time_views(s)}
 - Trained on: {s['device']}, {s['started_at']} to {s['finished_at']}
 
 ## Data

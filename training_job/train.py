@@ -54,6 +54,7 @@ from training_job.metrics import THRESHOLD_POLICIES
 from training_job.models import (
     ARCHITECTURES,
     PRETRAINED,
+    ZOOM_OUT_RANGE,
     build_model,
     check_pretrained,
     input_normalization,
@@ -91,6 +92,23 @@ def _recipe_defaults(parser: argparse.ArgumentParser) -> None:
         others = ", ".join(f"{name}: {shown_default(v)}" for name, v in values.items() if v != base)
         action.help = (f"{action.help} " if action.help else "") + (
             f"(default: {shown_default(base)}" + (f"; --recipe {others}" if others else "") + ")")
+
+
+def zoom_factors(text: str) -> tuple[float, ...]:
+    """``--tta-zoom-out``'s value: ``"1.1,1.2,1.3"`` -> ``(1.1, 1.2, 1.3)``; ``""`` -> ``()``.
+
+    Raises ``argparse.ArgumentTypeError`` (a one-line "bad hyperparameters" error) for anything
+    but numbers above 1 and at most 2 (:data:`training_job.models.ZOOM_OUT_RANGE`)."""
+    parts = [p for p in str(text).replace(" ", "").split(",") if p]
+    try:
+        zs = tuple(float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected zoom-out factors such as 1.1,1.2,1.3, got {text!r}") from None
+    lo, hi = ZOOM_OUT_RANGE
+    bad = [p for p, z in zip(parts, zs, strict=True) if not lo < z <= hi]
+    if bad:
+        raise argparse.ArgumentTypeError(f"zoom-out factors must be above {lo:g} and at most {hi:g}, got {', '.join(bad)}")
+    return zs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,7 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uniform model soup (Wortsman et al. 2022): fine-tune this many networks from the same "
                         "pretrained weights on the same split, with seeds SEED, SEED+1, ..., and export the average "
                         "of their weights: one network's size and speed. 1 = one network. Needs --pretrained")
-    add_bool(t, "--tta", default=False, help="average predictions over a horizontal flip")
+    add_bool(t, "--tta", default=False,
+             help="test-time views: also average the logits over the mirrored image (anatomy is asymmetric). Like "
+                  "--tta-zoom-out it is part of the exported model, so calibration, the threshold and serving see it; "
+                  "the best epoch is chosen on the network alone")
+    t.add_argument("--tta-zoom-out", type=zoom_factors, default=(), metavar="Z1,Z2,...",
+                   help="test-time views: also average the logits over copies of the image shrunk by each factor "
+                        "(above 1, at most 2) in the middle of the frame, borders replicated; '' = none")
     add_bool(t, "--amp", default=True, help="mixed precision (CUDA only)")
     t.add_argument("--seed", type=int, default=42, help="random seed (split, initial weights, augmentation)")
 
@@ -349,8 +373,11 @@ def checkpoint_key(args, info: dict, member: int = 0) -> str:
     size is not part of the key: the first network of a soup is the run without one, and a larger
     soup reuses the networks a smaller one trained."""
     skip = {"checkpoint_dir", "model_dir", "output_data_dir", "progress", "workers", "train", "val", "data",
-            "wise_alpha", "soup"}  # applied after training, to the checkpoints
+            "wise_alpha", "soup", "tta_zoom_out"}  # applied after training, to the checkpoints
     hp = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
+    # Test-time views are applied after training too (the best epoch is chosen on the network
+    # alone); --tta stays in the key at false so that earlier runs' checkpoints keep their key.
+    hp["tta"] = False
     if hp.get("backbone_lr_scale") == 1.0:  # at its default it leaves the key of runs from before it existed
         del hp["backbone_lr_scale"]
     parts = [hp, info["fingerprint"]] + ([member] if member else [])
@@ -502,7 +529,7 @@ def train_member(args, member: int, train: D.Split, val: D.Split, spec: Preproce
 
         if dist_info.main:
             eval_model = ema.module if ema is not None else model
-            ev = E.evaluate(eval_model, val, spec, device, args.tta)
+            ev = E.evaluate(eval_model, val, spec, device)  # the network alone: views are added at export
             row = {"epoch": epoch, "train_loss": train_loss, "val_loss": ev["val_loss"], "val_auc": ev["val_auc"],
                    "val_acc": ev["val_acc"], "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t_epoch}
             history.append(row)
