@@ -199,7 +199,7 @@ def build_artifacts(work: Path, bundle_arg: str | None) -> tuple[Path, Path, dic
     from shared.bundle import read_bundle
     from shared.preprocessing import PreprocessSpec
     from training_job.export import write_model_bundle
-    from training_job.models import ExportWrapper, build_model
+    from training_job.models import ExportWrapper, build_model, with_test_time_views
 
     torch.manual_seed(0)
     if bundle_arg:
@@ -209,7 +209,11 @@ def build_artifacts(work: Path, bundle_arg: str | None) -> tuple[Path, Path, dic
         hp = bundle.meta.get("provenance", {}).get("hyperparameters", {})
         model = build_model(arch, in_channels=spec.channels, width=int(hp.get("width", 0) or 0),
                             image_size=spec.size).eval()
-        info = {"bundle": bundle_arg, "torch_weights": "random (same architecture)"}
+        views = bundle.meta["onnx"].get("test_time_views") or {}
+        # The same test-time views as the bundle's graph, so both sides run the same passes per image.
+        model = with_test_time_views(model, spec.size, views.get("hflip", False), views.get("zoom_out", ())).eval()
+        info = {"bundle": bundle_arg, "torch_weights": "random (same architecture)",
+                "views": 1 + int(bool(views.get("hflip"))) + len(views.get("zoom_out") or ())}
     else:
         spec = PreprocessSpec(size=224, channels=1)
         arch = "resnet18"
@@ -350,7 +354,9 @@ def report(info: dict, cold: dict, warm: dict, sizes: dict | None, args) -> str:
              f"Python {platform.python_version()}, "
              f"onnxruntime {info['ort_version']}, torch {info['torch_version']}.",
              f"Model: {info['architecture']}, {info['input']}; {info['bundle']}. model.onnx {info['onnx_mb']:.1f} MB, "
-             f"TorchScript {info['torchscript_mb']:.1f} MB ({info['torchscript']}; weights: {info['torch_weights']}).",
+             f"TorchScript {info['torchscript_mb']:.1f} MB ({info['torchscript']}; weights: {info['torch_weights']})"
+             + (f"; both run the bundle's {info['views']} test-time views per image (network passes)."
+                if info.get("views", 1) > 1 else "."),
              "Both sides run the same code (`inference_lambda.app.handler`, `shared.predictor.OnnxPredictor`'s "
              f"preprocessing and post-processing), {_threads()} intra-op threads each; only the network call differs.",
              "",
