@@ -123,14 +123,16 @@ def test_onnx_matches_the_best_torch_checkpoint_on_real_images(trained, original
     from shared.imaging import decode_file
     from shared.predictor import OnnxPredictor
     from shared.preprocessing import preprocess
-    from training_job.models import build_model
+    from training_job.models import build_model, with_test_time_views
 
     opt_ml, _ = trained
     bundle = read_bundle(opt_ml / "model")
     model = build_model("seed_cnn", 1, 2, width=8)
     state = torch.load(opt_ml / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)["model"]
     model.load_state_dict({k: v for k, v in state.items() if k != "n_averaged"})
-    model.eval()
+    views = bundle.meta["onnx"]["test_time_views"]
+    assert views == {"hflip": False, "zoom_out": [1.1, 1.2, 1.3]}  # the default (cpu) recipe's
+    model = with_test_time_views(model, 64, views["hflip"], views["zoom_out"]).eval()
     predictor = OnnxPredictor(bundle)
     for path in originals:
         decoded = decode_file(path)
@@ -407,8 +409,9 @@ def test_test_time_views_are_served_as_calibrated_and_added_to_a_finished_run(tm
     train = subset(opt_ml / "input" / "data" / "train", 24)
     env = sm_env(opt_ml, train)
     hp = ["--epochs", "1", *QUICK]
-    plain = run_entrypoint(opt_ml, env, *hp)
+    plain = run_entrypoint(opt_ml, env, *hp, "--tta-zoom-out", "")  # no views: the network alone
     assert plain.returncode == 0, plain.stdout[-2000:] + plain.stderr[-3000:]
+    assert read_bundle(opt_ml / "model").meta["onnx"]["test_time_views"] == {"hflip": False, "zoom_out": []}
     before = _probabilities(opt_ml / "output" / "data" / "val_predictions.csv")
 
     # Views are applied after training: the finished run is exported again, not retrained.

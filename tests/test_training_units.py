@@ -298,8 +298,8 @@ def test_soup_needs_pretrained_weights_and_its_size_stays_out_of_the_checkpoint_
     assert checkpoint_key(one, info) == checkpoint_key(three, info, 0)
     hp = {k: v for k, v in sorted(vars(one).items())
           if k not in {"checkpoint_dir", "model_dir", "output_data_dir", "progress", "workers", "train", "val", "data",
-                       "wise_alpha", "soup", "backbone_lr_scale"}}
-    # the formula of checkpoints written before soups existed, which must still resume
+                       "wise_alpha", "soup", "backbone_lr_scale", "tta_zoom_out"}}
+    # the formula of checkpoints written before soups (and zoom-out views) existed, which must still resume
     assert checkpoint_key(one, info) == hashlib.sha256(json.dumps([hp, "f"], sort_keys=True, default=str).encode()).hexdigest()
     assert len({checkpoint_key(three, info, m) for m in range(3)}) == 3
     assert checkpoint_key(parse_args([*train, "--soup", "2"]), info, 1) == checkpoint_key(three, info, 1)
