@@ -213,7 +213,7 @@ def build_artifacts(work: Path, bundle_arg: str | None) -> tuple[Path, Path, dic
         # The same test-time views as the bundle's graph, so both sides run the same passes per image.
         model = with_test_time_views(model, spec.size, views.get("hflip", False), views.get("zoom_out", ())).eval()
         info = {"bundle": bundle_arg, "torch_weights": "random (same architecture)",
-                "views": 1 + int(bool(views.get("hflip"))) + len(views.get("zoom_out") or ())}
+                "views": getattr(model, "n_views", 1)}
     else:
         spec = PreprocessSpec(size=224, channels=1)
         arch = "resnet18"

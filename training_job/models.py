@@ -50,6 +50,14 @@ class Classifier(nn.Module):
 ZOOM_OUT_RANGE = (1.0, 2.0)  # exclusive low, inclusive high: a test-time view's zoom-out factor
 
 
+def check_zoom_out(factors: Sequence[float]) -> None:
+    """Raise ``ValueError`` naming every factor outside :data:`ZOOM_OUT_RANGE` (above 1, at most 2)."""
+    lo, hi = ZOOM_OUT_RANGE
+    bad = [f"{float(z):g}" for z in factors if not lo < float(z) <= hi]
+    if bad:
+        raise ValueError(f"zoom-out factors must be above {lo:g} and at most {hi:g}, got {', '.join(bad)}")
+
+
 class TestTimeViews(nn.Module):
     """A classifier whose logits are the mean over fixed views of each image (test-time augmentation).
 
@@ -67,10 +75,7 @@ class TestTimeViews(nn.Module):
 
     def __init__(self, model: Classifier, image_size: int, hflip: bool = False, zoom_out: Sequence[float] = ()):
         super().__init__()
-        lo, hi = ZOOM_OUT_RANGE
-        bad = [z for z in zoom_out if not lo < float(z) <= hi]
-        if bad:
-            raise ValueError(f"zoom-out factors must be above {lo:g} and at most {hi:g}, got {bad}")
+        check_zoom_out(zoom_out)
         self.model = model
         self.hflip = bool(hflip)
         self.zoom_out = tuple(float(z) for z in zoom_out)
@@ -79,8 +84,9 @@ class TestTimeViews(nn.Module):
         self.register_buffer("grids", torch.cat(grids) if grids else torch.zeros(0), persistent=False)
 
     @property
-    def head(self) -> nn.Linear:
-        return self.model.head
+    def n_views(self) -> int:
+        """Network passes per image: the image, its mirror image if any, one per zoom-out factor."""
+        return 1 + int(self.hflip) + len(self.zoom_out)
 
     def views(self, x: torch.Tensor) -> torch.Tensor:
         """N x C x S x S -> (views x N) x C x S x S: the image itself first."""
@@ -93,8 +99,7 @@ class TestTimeViews(nn.Module):
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[0]
         logits, fmap = self.model.forward_with_features(self.views(x))
-        n_views = 1 + int(self.hflip) + len(self.zoom_out)
-        return logits.reshape(n_views, -1, logits.shape[-1]).mean(0), fmap[:n]
+        return logits.reshape(self.n_views, -1, logits.shape[-1]).mean(0), fmap[:n]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_features(x)[0]

@@ -54,9 +54,9 @@ from training_job.metrics import THRESHOLD_POLICIES
 from training_job.models import (
     ARCHITECTURES,
     PRETRAINED,
-    ZOOM_OUT_RANGE,
     build_model,
     check_pretrained,
+    check_zoom_out,
     input_normalization,
     pretrained_provenance,
 )
@@ -98,16 +98,16 @@ def zoom_factors(text: str) -> tuple[float, ...]:
     """``--tta-zoom-out``'s value: ``"1.1,1.2,1.3"`` -> ``(1.1, 1.2, 1.3)``; ``""`` -> ``()``.
 
     Raises ``argparse.ArgumentTypeError`` (a one-line "bad hyperparameters" error) for anything
-    but numbers above 1 and at most 2 (:data:`training_job.models.ZOOM_OUT_RANGE`)."""
+    but numbers above 1 and at most 2 (:func:`training_job.models.check_zoom_out`)."""
     parts = [p for p in str(text).replace(" ", "").split(",") if p]
     try:
         zs = tuple(float(p) for p in parts)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected zoom-out factors such as 1.1,1.2,1.3, got {text!r}") from None
-    lo, hi = ZOOM_OUT_RANGE
-    bad = [p for p, z in zip(parts, zs, strict=True) if not lo < z <= hi]
-    if bad:
-        raise argparse.ArgumentTypeError(f"zoom-out factors must be above {lo:g} and at most {hi:g}, got {', '.join(bad)}")
+    try:
+        check_zoom_out(zs)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return zs
 
 
