@@ -88,6 +88,27 @@ def test_augmentation_keeps_shape_range_and_is_seeded():
     assert torch.equal(out1, out2) and not torch.equal(out1, x)
 
 
+@pytest.mark.parametrize("rotate_deg", [0, 5])  # the batch resize and the per-image affine paths
+def test_augmentation_scale_range_sets_the_image_side_in_the_frame(rotate_deg):
+    # A 20 x 20 white square in the middle of a black 40 x 40 frame, no other change.
+    x = torch.zeros(2, 1, 40, 40)
+    x[:, :, 10:30, 10:30] = 255
+    still = dict(rotate_deg=rotate_deg, translate=0.0, brightness=0.0, contrast=0.0, gamma=0.0, noise=0.0)
+    for side, expected_area in ((0.5, 100), (1.5, 900)):
+        out = Augment(scale=(side, side), **still)(x.clone(), torch.Generator().manual_seed(0))
+        area = (out > 127.5).float().sum(dim=(1, 2, 3))
+        assert torch.all((area - expected_area).abs() <= 0.12 * expected_area), area
+    # Shrunk, the frame around the image repeats its border (black here), never zeros of padding
+    # on a white border: a white frame stays white.
+    out = Augment(scale=(0.5, 0.5), **still)(255 - x, torch.Generator().manual_seed(0))
+    assert float(out[:, :, 0, 0].min()) == 255 and float(out[:, :, :3, :].min()) == 255
+    # The range is drawn from: a shrinking-only range never enlarges.
+    a = Augment(scale=(0.7, 0.95), **still)
+    for seed in range(5):
+        area = (a(x.clone(), torch.Generator().manual_seed(seed)) > 127.5).float().sum(dim=(1, 2, 3))
+        assert torch.all(area <= 400 * 0.95 ** 2 * 1.12) and torch.all(area >= 400 * 0.7 ** 2 * 0.85), area
+
+
 def test_recipe_sets_defaults_and_flags_override():
     from conftest import DATA_224
 
@@ -298,7 +319,7 @@ def test_soup_needs_pretrained_weights_and_its_size_stays_out_of_the_checkpoint_
     assert checkpoint_key(one, info) == checkpoint_key(three, info, 0)
     hp = {k: v for k, v in sorted(vars(one).items())
           if k not in {"checkpoint_dir", "model_dir", "output_data_dir", "progress", "workers", "train", "val", "data",
-                       "wise_alpha", "soup", "backbone_lr_scale", "tta_zoom_out"}}
+                       "wise_alpha", "soup", "backbone_lr_scale", "tta_zoom_out", "augment_scale"}}
     # the formula of checkpoints written before soups (and zoom-out views) existed, which must still resume
     assert checkpoint_key(one, info) == hashlib.sha256(json.dumps([hp, "f"], sort_keys=True, default=str).encode()).hexdigest()
     assert len({checkpoint_key(three, info, m) for m in range(3)}) == 3
@@ -454,5 +475,11 @@ def test_test_time_views_stay_out_of_the_checkpoint_key():
     assert checkpoint_key(plain, info) == checkpoint_key(parse_args([*train, "--tta", "--tta-zoom-out", "1.2"]), info)
     before = parse_args(train)
     del before.tta_zoom_out  # a run from before the option existed
+    assert checkpoint_key(plain, info) == checkpoint_key(before, info)
+    # A scale range is a training choice: it changes the key; left to the preset, the key is the
+    # one of runs from before the option existed.
+    scaled = parse_args([*train, "--augment-scale", "0.7,1.1"])
+    assert scaled.augment_scale == (0.7, 1.1) and checkpoint_key(plain, info) != checkpoint_key(scaled, info)
+    del before.augment_scale
     assert checkpoint_key(plain, info) == checkpoint_key(before, info)
     assert checkpoint_key(plain, info) != checkpoint_key(parse_args([*train, "--epochs", "3"]), info)

@@ -186,13 +186,20 @@ def prepare_data(args, spec: PreprocessSpec, log) -> tuple[Split, Split, dict]:
 # ---- augmentation on cached uint8 tensors -------------------------------------------------
 
 
+# The widest range of random scales (image side relative to the frame) the command line accepts:
+# half to one and a half times the decoded size keeps the chest recognisable in a 128-256 px frame.
+AUGMENT_SCALE_RANGE = (0.5, 1.5)
+
+
 @dataclass(frozen=True)
 class Augment:
     """Random geometric and photometric changes a radiograph plausibly shows.
 
     Applied in batches to the cached images on the training device. Geometry is a random resized
     crop of a border-replicated batch (a random scale per batch, a random translation per image),
-    which costs one resize and a slice; rotation needs a full affine resampling per image
+    which costs one resize and a slice; a scale below 1 shrinks the image inside the frame and
+    replicates its border pixels around it, as the zoom-out test-time views do
+    (:class:`training_job.models.TestTimeViews`); rotation needs a full affine resampling per image
     (``grid_sample``), several times dearer on a CPU, so only presets that ask for it pay for it. Photometric:
     brightness, contrast, gamma, Gaussian blur (an unsharp or lower-resolution detector: one
     sigma per batch, applied to a random half of the images) and Gaussian noise drawn from a fixed
@@ -201,7 +208,8 @@ class Augment:
     """
 
     rotate_deg: float = 0.0
-    scale: float = 0.10
+    # (smallest, largest) side of the image relative to the frame, drawn uniformly; 1 = as decoded
+    scale: tuple[float, float] = (0.90, 1.10)
     translate: float = 0.06
     brightness: float = 0.15
     contrast: float = 0.15
@@ -214,13 +222,13 @@ class Augment:
     def preset(cls, name: str) -> Augment | None:
         presets = {
             "none": None,
-            "light": cls(scale=0.05, translate=0.03, brightness=0.1, contrast=0.1, gamma=0.0, noise=0.0),
+            "light": cls(scale=(0.95, 1.05), translate=0.03, brightness=0.1, contrast=0.1, gamma=0.0, noise=0.0),
             "medium": cls(),
-            "strong": cls(rotate_deg=10, scale=0.15, translate=0.08, brightness=0.25, contrast=0.25, gamma=0.25,
+            "strong": cls(rotate_deg=10, scale=(0.85, 1.15), translate=0.08, brightness=0.25, contrast=0.25, gamma=0.25,
                           noise=0.03),
             # acquisition: what another hospital's detectors and exposure settings change, without
             # the costly rotation: wider contrast, gamma and scale, blur and noise
-            "acquisition": cls(scale=0.15, translate=0.08, brightness=0.2, contrast=0.3, gamma=0.35, noise=0.03,
+            "acquisition": cls(scale=(0.85, 1.15), translate=0.08, brightness=0.2, contrast=0.3, gamma=0.35, noise=0.03,
                                blur=1.5),
         }
         if name not in presets:
@@ -235,7 +243,7 @@ class Augment:
         def u(lo: float, hi: float) -> torch.Tensor:
             return torch.rand(n, generator=generator).mul(hi - lo).add(lo)
 
-        s, tx, ty = u(1 - self.scale, 1 + self.scale), u(-self.translate, self.translate), u(-self.translate, self.translate)
+        s, tx, ty = u(*self.scale), u(-self.translate, self.translate), u(-self.translate, self.translate)
         if self.rotate_deg > 0:
             ang = u(-self.rotate_deg, self.rotate_deg) * (math.pi / 180)
             cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
@@ -245,7 +253,8 @@ class Augment:
         else:
             # One scale per batch (a single resize of the whole batch), a translation per image
             # (a slice): a resized crop at a fraction of the cost of resampling each image.
-            sb = 1.0 + (float(torch.rand(1, generator=generator)) * 2 - 1) * self.scale
+            lo, hi = self.scale
+            sb = lo + float(torch.rand(1, generator=generator)) * (hi - lo)
             hb, wb = max(2, round(h * sb)), max(2, round(w * sb))
             if (hb, wb) != (h, w):
                 x = F.interpolate(x, size=(hb, wb), mode="bilinear", align_corners=False)

@@ -111,6 +111,24 @@ def zoom_factors(text: str) -> tuple[float, ...]:
     return zs
 
 
+def scale_range(text: str) -> tuple[float, float]:
+    """``--augment-scale``'s value: ``"0.7,1.1"`` -> ``(0.7, 1.1)``.
+
+    Raises ``argparse.ArgumentTypeError`` (a one-line "bad hyperparameters" error) unless it is two
+    numbers, the first no larger than the second, both within
+    :data:`training_job.data.AUGMENT_SCALE_RANGE`."""
+    lo_ok, hi_ok = D.AUGMENT_SCALE_RANGE
+    parts = [p for p in str(text).replace(" ", "").split(",") if p]
+    try:
+        lo, hi = (float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two scales such as 0.7,1.1, got {text!r}") from None
+    if not lo_ok <= lo <= hi <= hi_ok:
+        raise argparse.ArgumentTypeError(f"expected the smaller scale first, both from {lo_ok:g} to {hi_ok:g}, "
+                                         f"got {text!r}")
+    return lo, hi
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m training_job.train", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                 formatter_class=HelpFormatter,
@@ -157,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight the loss by inverse class frequency")
     t.add_argument("--augment", default="medium", choices=("none", "light", "medium", "strong", "acquisition"),
                    help="augmentation preset (training_job/data.py: Augment.preset)")
+    t.add_argument("--augment-scale", type=scale_range, default=None, metavar="LO,HI",
+                   help="range of the image's side relative to the frame that the preset's random scale draws "
+                        "from (below 1 shrinks the image, borders replicated); default: the preset's own")
     t.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(alpha, alpha) parameter; 0 = off")
     add_bool(t, "--hflip", default=False, help="random horizontal flips (anatomy is asymmetric)")
     t.add_argument("--ema-decay", type=float, default=0.0, help="exponential moving average of weights, decay warmed up as min(d, (1+n)/(10+n)) over n updates; 0 = off")
@@ -380,6 +401,8 @@ def checkpoint_key(args, info: dict, member: int = 0) -> str:
     hp["tta"] = False
     if hp.get("backbone_lr_scale") == 1.0:  # at its default it leaves the key of runs from before it existed
         del hp["backbone_lr_scale"]
+    if hp.get("augment_scale") is None:  # likewise
+        hp.pop("augment_scale", None)
     parts = [hp, info["fingerprint"]] + ([member] if member else [])
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -469,6 +492,8 @@ def train_member(args, member: int, train: D.Split, val: D.Split, spec: Preproce
     augment = D.Augment.preset(args.augment)
     if augment is not None and args.hflip:
         augment = dataclasses.replace(augment, hflip=True)
+    if augment is not None and args.augment_scale is not None:
+        augment = dataclasses.replace(augment, scale=tuple(args.augment_scale))
 
     ckpt_dir = member_dir(args.checkpoint_dir, member)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
