@@ -319,7 +319,7 @@ def test_soup_needs_pretrained_weights_and_its_size_stays_out_of_the_checkpoint_
     assert checkpoint_key(one, info) == checkpoint_key(three, info, 0)
     hp = {k: v for k, v in sorted(vars(one).items())
           if k not in {"checkpoint_dir", "model_dir", "output_data_dir", "progress", "workers", "train", "val", "data",
-                       "wise_alpha", "soup", "backbone_lr_scale", "tta_zoom_out", "augment_scale"}}
+                       "wise_alpha", "soup", "backbone_lr_scale", "tta_zoom_out"}}
     # the formula of checkpoints written before soups (and zoom-out views) existed, which must still resume
     assert checkpoint_key(one, info) == hashlib.sha256(json.dumps([hp, "f"], sort_keys=True, default=str).encode()).hexdigest()
     assert len({checkpoint_key(three, info, m) for m in range(3)}) == 3
@@ -478,8 +478,10 @@ def test_test_time_views_stay_out_of_the_checkpoint_key():
     assert checkpoint_key(plain, info) == checkpoint_key(before, info)
     # A scale range is a training choice: it changes the key; left to the preset, the key is the
     # one of runs from before the option existed.
-    scaled = parse_args([*train, "--augment-scale", "0.7,1.1"])
-    assert scaled.augment_scale == (0.7, 1.1) and checkpoint_key(plain, info) != checkpoint_key(scaled, info)
-    del before.augment_scale
-    assert checkpoint_key(plain, info) == checkpoint_key(before, info)
+    scaled = parse_args([*train, "--augment-scale", "0.6,1.0"])
+    assert scaled.augment_scale == (0.6, 1.0) and checkpoint_key(plain, info) != checkpoint_key(scaled, info)
+    preset, older = parse_args(train), parse_args(train)
+    preset.augment_scale = None
+    del older.augment_scale
+    assert checkpoint_key(preset, info) == checkpoint_key(older, info)
     assert checkpoint_key(plain, info) != checkpoint_key(parse_args([*train, "--epochs", "3"]), info)
