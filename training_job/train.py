@@ -94,14 +94,18 @@ def _recipe_defaults(parser: argparse.ArgumentParser) -> None:
             f"(default: {shown_default(base)}" + (f"; --recipe {others}" if others else "") + ")")
 
 
+def _comma_list(text: str) -> list[str]:
+    """``"1.1, 1.2,1.3"`` -> ``["1.1", "1.2", "1.3"]``; empty items dropped."""
+    return [p for p in str(text).replace(" ", "").split(",") if p]
+
+
 def zoom_factors(text: str) -> tuple[float, ...]:
     """``--tta-zoom-out``'s value: ``"1.1,1.2,1.3"`` -> ``(1.1, 1.2, 1.3)``; ``""`` -> ``()``.
 
     Raises ``argparse.ArgumentTypeError`` (a one-line "bad hyperparameters" error) for anything
     but numbers above 1 and at most 2 (:func:`training_job.models.check_zoom_out`)."""
-    parts = [p for p in str(text).replace(" ", "").split(",") if p]
     try:
-        zs = tuple(float(p) for p in parts)
+        zs = tuple(float(p) for p in _comma_list(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected zoom-out factors such as 1.1,1.2,1.3, got {text!r}") from None
     try:
@@ -118,9 +122,8 @@ def scale_range(text: str) -> tuple[float, float]:
     numbers, the first no larger than the second, both within
     :data:`training_job.data.AUGMENT_SCALE_RANGE`."""
     lo_ok, hi_ok = D.AUGMENT_SCALE_RANGE
-    parts = [p for p in str(text).replace(" ", "").split(",") if p]
     try:
-        lo, hi = (float(p) for p in parts)
+        lo, hi = (float(p) for p in _comma_list(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected two scales such as 0.7,1.1, got {text!r}") from None
     if not lo_ok <= lo <= hi <= hi_ok:
@@ -177,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="augmentation preset (training_job/data.py: Augment.preset)")
     t.add_argument("--augment-scale", type=scale_range, default=None, metavar="LO,HI",
                    help="range of the image's side relative to the frame that the preset's random scale draws "
-                        "from (below 1 shrinks the image, borders replicated); default: the preset's own")
+                        "from (below 1 shrinks the image, borders replicated); default: the preset's own; no effect "
+                        "with --augment none")
     t.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(alpha, alpha) parameter; 0 = off")
     add_bool(t, "--hflip", default=False, help="random horizontal flips (anatomy is asymmetric)")
     t.add_argument("--ema-decay", type=float, default=0.0, help="exponential moving average of weights, decay warmed up as min(d, (1+n)/(10+n)) over n updates; 0 = off")
