@@ -8,7 +8,11 @@ bytes.
 
 A file that cannot be used (unreadable, not an image, refused by a check of
 :mod:`shared.imaging`) becomes a row with the error's stable ``code`` and message, never a crash
-and never a prediction, so one bad file never stops a batch.
+and never a prediction, so one bad file never stops a batch. Batch inference also applies the
+bundle's out-of-distribution check (``refuse=True``), so a photo or a turned X-ray gets the
+``not_a_chest_xray`` refusal ``POST /predict`` answers with. Evaluation does not: every labelled
+image of an evaluation set counts for every model compared, so the comparison stays paired on the
+same images (the refusal benchmark measures how many real X-rays the check accepts).
 """
 
 from __future__ import annotations
@@ -48,9 +52,13 @@ def format_hint(key: str) -> str | None:
 
 
 def score(items: Iterable[tuple[str, int | None, Callable[[], bytes]]], predictors: Sequence[OnnxPredictor],
-          chunk: int = DEFAULT_CHUNK) -> Iterator[ScoredImage]:
+          chunk: int = DEFAULT_CHUNK, refuse: bool = False) -> Iterator[ScoredImage]:
     """Score ``items`` (key, true label or None, a function returning the file's bytes) with every
     predictor; yields one :class:`ScoredImage` per item, in input order.
+
+    With ``refuse``, an image that any predictor's out-of-distribution check refuses
+    (:meth:`OnnxPredictor.score_pixels`) becomes a row with code ``not_a_chest_xray`` and the
+    refusal's message (the first refusing predictor's), as ``POST /predict`` would answer it.
 
     Each predictor sees the image decoded as the Lambda decodes it for that bundle
     (``decode_min_side`` of its preprocessing), so two bundles with different input sizes are each
@@ -63,10 +71,20 @@ def score(items: Iterable[tuple[str, int | None, Callable[[], bytes]]], predicto
     def flush() -> Iterator[ScoredImage]:
         ok = [(row, pix) for row, pix in pending if row.ok]
         for i, predictor in enumerate(predictors):
-            if ok:
-                probs = predictor.positive_probabilities(np.stack([pix[i] for _, pix in ok]), batch_size=chunk)
-                for (row, _), p in zip(ok, probs, strict=True):
+            if not ok:
+                break
+            stack = np.stack([pix[i] for _, pix in ok])
+            if refuse:
+                probs, refusals = predictor.score_pixels(stack, batch_size=chunk)
+            else:
+                probs, refusals = predictor.positive_probabilities(stack, batch_size=chunk), [None] * len(ok)
+            for (row, _), p, refusal in zip(ok, probs, refusals, strict=True):
+                if refusal is not None:
+                    row.probabilities.clear()
+                    row.error_code, row.error = refusal.code, refusal.message
+                else:
                     row.probabilities.append(float(p))
+            ok = [(row, pix) for row, pix in ok if row.ok]
         yield from (row for row, _ in pending)
         pending.clear()
 

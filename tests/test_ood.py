@@ -1,7 +1,7 @@
 """Refusing what is not a frontal chest X-ray: DICOM header rules, the pixel check, the 422 contract.
 
-The pixel check is fitted here the way a team gives the shipped reference model (bundle format 1)
-its parameters: ``python -m training_job.ood`` on a small part of its training folder. Every kind of
+The pixel check is fitted here the way a team gives a bundle its parameters (``python -m
+training_job.ood``, as for a bundle of format 1), on a part of the reference model's training folder. Every kind of
 the out-of-distribution corpus (``benchmarks/ood_corpus.py``) is sent through the handler.
 """
 
@@ -204,6 +204,64 @@ def test_score_pixels_reports_refusals_per_image_for_batch_scoring(checked_bundl
     assert refused[0] is None and refused[1] is None and np.isfinite(probs[:2]).all()
     assert all(isinstance(r, NotAChestXray) and r.code == CODE for r in refused[2:]) and np.isnan(probs[2:]).all()
     assert "upside down" in refused[3].message
+
+
+def test_batch_scoring_refuses_what_the_api_refuses_and_evaluation_scores_everything(checked_bundle):
+    from shared.preprocessing import decode_min_side
+    from shared.scoring import score
+
+    real = [(p.name, p.read_bytes()) for p in ood_corpus.dev_xrays(2, offset=120)]
+    odd = [(f"{kind}.{fmt}", data) for kind in ("photo", "document", "xray_rot180")
+           for _name, data, fmt in ood_corpus.generate(kind, 1)]
+    items = [(key, None, (lambda d=data: d)) for key, data in real + odd]
+    predictor = OnnxPredictor(checked_bundle)
+    side = decode_min_side(checked_bundle.preprocessing)
+    batch = list(score(items, [predictor], refuse=True))
+    assert [r.key for r in batch] == [k for k, _ in real + odd]
+    for row, (_key, data) in zip(batch[:2], real, strict=True):  # accepted: the probability POST /predict answers
+        assert row.ok and row.probabilities == pytest.approx([predictor.predict(decode_image(data, None, side)).probability], abs=1e-6)
+    for row in batch[2:]:
+        assert row.error_code == CODE and row.probabilities == [] and "frontal" in row.error, row
+    assert "upside down" in batch[4].error
+    # Evaluation compares models on the same images: nothing is refused, the probabilities are the network's.
+    evaluation = list(score(items, [predictor, predictor]))
+    assert all(r.ok and len(r.probabilities) == 2 for r in evaluation)
+    assert evaluation[0].probabilities[0] == pytest.approx(batch[0].probabilities[0], abs=1e-6)
+
+
+def test_batch_step_writes_the_refusal_into_the_predictions(checked_bundle, monkeypatch):
+    """The Distributed Map's scoring Lambda (``infra.functions.batch.score_batch``) on an S3 prefix:
+    a photo gets ``not_a_chest_xray`` and no label, a real X-ray its label and probability."""
+    import csv
+    import io
+
+    import boto3
+    import moto
+
+    from infra.functions import batch
+    from infra.functions.common import Clients, Settings, StepContext
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    predictor = OnnxPredictor(checked_bundle)
+    monkeypatch.setattr(batch, "predictor_for", lambda s3, uri, sha: predictor)
+    xray = ood_corpus.dev_xrays(1, offset=120)[0]
+    _name, photo, _fmt = next(ood_corpus.generate("photo", 1))
+    with moto.mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="data")
+        s3.put_object(Bucket="data", Key="in/a-xray.jpeg", Body=xray.read_bytes())
+        s3.put_object(Bucket="data", Key="in/b-photo.jpeg", Body=photo)
+        event = {"Items": [{"Key": "in/a-xray.jpeg"}, {"Key": "in/b-photo.jpeg"}],
+                 "BatchInput": {"bucket": "data", "model_uri": "s3://data/model.tar.gz", "sha256": "0" * 64,
+                                "work_uri": "s3://data/batch/out.csv.parts-1/"}}
+        result = batch.score_batch(event, StepContext(Settings(), Clients(s3=s3)))
+        body = s3.get_object(Bucket="data", Key=result["part"])["Body"].read().decode()
+    assert result["scored"] == 1 and result["refused"] == 1
+    rows = {r[0]: dict(zip(batch.COLUMNS, r, strict=True)) for r in csv.reader(io.StringIO(body))}
+    assert rows["in/b-photo.jpeg"]["error_code"] == CODE and rows["in/b-photo.jpeg"]["label"] == ""
+    assert rows["in/b-photo.jpeg"]["probability"] == "" and "frontal" in rows["in/b-photo.jpeg"]["error"]
+    assert rows["in/a-xray.jpeg"]["label"] in ("NORMAL", "PNEUMONIA") and rows["in/a-xray.jpeg"]["error_code"] == ""
 
 
 def test_health_names_the_check_and_its_cutoffs(served, checked_bundle):

@@ -81,7 +81,8 @@ def score_batch(event: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
     keys = [item["Key"] for item in event["Items"] if not item["Key"].endswith("/")]
     s3 = ctx.clients.s3
     predictor = predictor_for(s3, spec["model_uri"], spec["sha256"])
-    rows = list(score(((k, None, read) for k, read in fetcher(s3, spec["bucket"], keys)), [predictor]))
+    # refuse=True: what POST /predict refuses with 422 not_a_chest_xray is refused here too
+    rows = list(score(((k, None, read) for k, read in fetcher(s3, spec["bucket"], keys)), [predictor], refuse=True))
     work_bucket, work_prefix = parse_s3_uri(spec["work_uri"])
     part = f"{work_prefix.rstrip('/')}/{PARTS_FOLDER}{hashlib.sha256(chr(10).join(keys).encode()).hexdigest()[:24]}.csv"
     s3.put_object(Bucket=work_bucket, Key=part, ContentType="text/csv", Body=rows_csv(rows, predictor, header=False))
