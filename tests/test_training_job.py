@@ -453,7 +453,10 @@ def test_zoom_out_views_are_checked_when_the_arguments_are_read(tmp_path):
     with pytest.raises(TrainingError, match="expected zoom-out factors such as 1.1,1.2,1.3, got 'big'"):
         parse_args(["--train", train, "--tta-zoom-out", "big"])
     assert parse_args(["--train", train, "--augment-scale", "0.7, 1.1"]).augment_scale == (0.7, 1.1)
-    with pytest.raises(TrainingError, match="expected the smaller scale first, both from 0.5 to 1.5, got '1.1,0.7'"):
+    assert parse_args(["--train", train, "--augment-scale", "preset"]).augment_scale is None
+    with pytest.raises(TrainingError, match="expected the smaller scale first, got '1.1,0.7'"):
         parse_args(["--train", train, "--augment-scale", "1.1,0.7"])
-    with pytest.raises(TrainingError, match="expected two scales such as 0.7,1.1, got '0.7'"):
+    with pytest.raises(TrainingError, match="expected scales from 0.5 to 1.5, got '0.4,1.1'"):
+        parse_args(["--train", train, "--augment-scale", "0.4,1.1"])
+    with pytest.raises(TrainingError, match=r"expected two scales such as 0.7,1.1 \(or preset\), got '0.7'"):
         parse_args(["--train", train, "--augment-scale", "0.7"])

@@ -115,21 +115,40 @@ def zoom_factors(text: str) -> tuple[float, ...]:
     return zs
 
 
-def scale_range(text: str) -> tuple[float, float]:
-    """``--augment-scale``'s value: ``"0.7,1.1"`` -> ``(0.7, 1.1)``.
+PRESET_SCALE = "preset"  # --augment-scale's word for "the augmentation preset's own range"
 
-    Raises ``argparse.ArgumentTypeError`` (a one-line "bad hyperparameters" error) unless it is two
-    numbers, the first no larger than the second, both within
+
+def scale_range(text: str) -> tuple[float, float] | None:
+    """``--augment-scale``'s value: ``"0.7,1.1"`` -> ``(0.7, 1.1)``; ``"preset"`` -> None (the
+    augmentation preset's own range, :meth:`training_job.data.Augment.preset`).
+
+    Raises ``argparse.ArgumentTypeError`` (a one-line "bad hyperparameters" error) unless it is
+    ``preset`` or two numbers, the first no larger than the second, both within
     :data:`training_job.data.AUGMENT_SCALE_RANGE`."""
+    if str(text).strip().lower() == PRESET_SCALE:
+        return None
     lo_ok, hi_ok = D.AUGMENT_SCALE_RANGE
     try:
         lo, hi = (float(p) for p in _comma_list(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two scales such as 0.7,1.1, got {text!r}") from None
-    if not lo_ok <= lo <= hi <= hi_ok:
-        raise argparse.ArgumentTypeError(f"expected the smaller scale first, both from {lo_ok:g} to {hi_ok:g}, "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected two scales such as 0.7,1.1 (or {PRESET_SCALE}), "
+                                         f"got {text!r}") from None
+    if not (lo_ok <= lo <= hi_ok and lo_ok <= hi <= hi_ok):
+        raise argparse.ArgumentTypeError(f"expected scales from {lo_ok:g} to {hi_ok:g}, got {text!r}")
+    if lo > hi:
+        raise argparse.ArgumentTypeError(f"expected the smaller scale first, got {text!r}")
     return lo, hi
+
+
+def make_augment(args: argparse.Namespace) -> D.Augment | None:
+    """The training augmentation the hyperparameters ask for: ``--augment``'s preset (None for
+    ``none``) with ``--hflip`` and ``--augment-scale`` applied to it."""
+    augment = D.Augment.preset(args.augment)
+    if augment is not None and args.hflip:
+        augment = dataclasses.replace(augment, hflip=True)
+    if augment is not None and args.augment_scale is not None:
+        augment = dataclasses.replace(augment, scale=(float(args.augment_scale[0]), float(args.augment_scale[1])))
+    return augment
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,10 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight the loss by inverse class frequency")
     t.add_argument("--augment", default="medium", choices=("none", "light", "medium", "strong", "acquisition"),
                    help="augmentation preset (training_job/data.py: Augment.preset)")
-    t.add_argument("--augment-scale", type=scale_range, default=None, metavar="LO,HI",
+    t.add_argument("--augment-scale", type=scale_range, default=PRESET_SCALE, metavar="LO,HI",
                    help="range of the image's side relative to the frame that the preset's random scale draws "
-                        "from (below 1 shrinks the image, borders replicated); default: the preset's own; no effect "
-                        "with --augment none")
+                        f"from (below 1 shrinks the image, borders replicated), or {PRESET_SCALE} for the preset's "
+                        "own; a recipe's range belongs to the recipe's preset, so another --augment keeps its own "
+                        "unless this is given; no effect with --augment none")
     t.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(alpha, alpha) parameter; 0 = off")
     add_bool(t, "--hflip", default=False, help="random horizontal flips (anatomy is asymmetric)")
     t.add_argument("--ema-decay", type=float, default=0.0, help="exponential moving average of weights, decay warmed up as min(d, (1+n)/(10+n)) over n updates; 0 = off")
@@ -248,8 +268,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     recipe, _ = parser.parse_known_args(norm)
     parser.set_defaults(**RECIPES[recipe.recipe])
+    recipe_preset = parser.get_default("augment")
     args = parser.parse_args(norm)
     given = {tok.partition("=")[0] for tok in norm if tok.startswith("--")}
+    if args.augment != recipe_preset and "--augment-scale" not in given:
+        args.augment_scale = None  # the recipe's scale range was chosen with its preset; another keeps its own
     if args.pretrained and "--pretrained" not in given and args.architecture not in PRETRAINED:
         args.pretrained = False  # the recipe's weights belong to its own architecture, not to an override
     if args.soup > 1 and "--soup" not in given and (not args.pretrained or args.wise_alpha < 1):
@@ -405,7 +428,7 @@ def checkpoint_key(args, info: dict, member: int = 0) -> str:
     hp["tta"] = False
     if hp.get("backbone_lr_scale") == 1.0:  # at its default it leaves the key of runs from before it existed
         del hp["backbone_lr_scale"]
-    if hp.get("augment_scale") is None:  # likewise
+    if hp.get("augment_scale") is None or hp.get("augment") == "none":  # likewise; and unused without augmentation
         hp.pop("augment_scale", None)
     parts = [hp, info["fingerprint"]] + ([member] if member else [])
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -493,11 +516,7 @@ def train_member(args, member: int, train: D.Split, val: D.Split, spec: Preproce
     use_amp = args.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     criterion = E.make_loss(args, train, device)
-    augment = D.Augment.preset(args.augment)
-    if augment is not None and args.hflip:
-        augment = dataclasses.replace(augment, hflip=True)
-    if augment is not None and args.augment_scale is not None:
-        augment = dataclasses.replace(augment, scale=tuple(args.augment_scale))
+    augment = make_augment(args)
 
     ckpt_dir = member_dir(args.checkpoint_dir, member)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
