@@ -153,6 +153,10 @@ def render(rows: list[dict], preamble: str = "") -> str:
             "saturated by every recipe. Neither set is used for any choice inside a run. Wall minutes include "
             "decoding, training, calibration, export and evaluation; CPU runs shared 2 cores with other work. "
             "Rows without dev figures were run before the dev half existed and their bundles were not kept. "
+            "**Settings** are the flags given on top of the default (`cpu`) recipe as it stood when the row ran: "
+            "the recipe has changed over time (pretrained EfficientNet-Lite0, then a soup of three, test-time "
+            "views, a wider random scale), so an early row's flags run differently today; `recipes.jsonl` keeps "
+            "the resolved hyperparameters and code version of every run whose bundle was kept. "
             "Produced by `python benchmarks/recipe_benchmark.py --name NAME -- HYPERPARAMETERS`.\n\n"
             + preamble + table(rows)
             + "\n## Threshold policies\n\nWhat each policy, applied to the run's own validation predictions, gives on "
@@ -218,8 +222,11 @@ def main() -> int:
                     "reason": failure.read_text().strip() if failure.is_file() else f"exit {done.returncode}"}
     if not row.get("failed"):
         meta = read_bundle(bundle)
+        provenance = meta.meta["provenance"]
         row |= {"wall_seconds": time.time() - t0 if not args.score_bundle else 0.0,
-                "val": meta.validation_metrics, "device": meta.meta["provenance"].get("device", ""),
+                "val": meta.validation_metrics, "device": provenance.get("device", ""),
+                # what ran, whatever the recipe's defaults become later
+                "hyperparameters": provenance.get("hyperparameters"), "code_version": provenance.get("code_version"),
                 "holdout": score(bundle, held_root, work / "holdout-eval")}
         if dev_half.is_dir():
             row["dev"] = score(bundle, dev_half, work / "dev-eval")

@@ -10,7 +10,7 @@ defaults), so there is one default per recipe and not one per caller.
   head before fine-tuning (``--linear-probe-c``), averaging the fine-tuned weights with the
   starting ones (``--wise-alpha``) and a slower learning rate for the pretrained layers
   (``--backbone-lr-scale``) were measured there and are not part of it: none held up. It is a
-  uniform model soup of three such networks (``--soup 3``, seeds 42-44; 43 minutes): on the
+  uniform model soup of three such networks (``--soup 3``, seeds 42-44; about 60 minutes): on the
   dev half the soup ranked images no better than its first network alone (ROC AUC 0.959 against
   0.958) but its validation-chosen threshold held up better on new patients (accuracy 0.929
   against 0.897, sensitivity and specificity both higher; paired intervals above 0). Its
