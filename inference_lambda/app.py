@@ -44,6 +44,7 @@ from shared.ood import UNAVAILABLE as OOD_UNAVAILABLE
 from shared.predictor import class_activation_map
 from shared.preprocessing import decode_min_side
 
+from . import dicom_results
 from .config import METRICS_NAMESPACE, SERVICE_NAME, Settings
 from .errors import ApiError, BadRequest, MethodNotAllowed, ModelUnavailable, NotFound, error_body
 from .heatmap import DISPLAY_MAX_SIDE, css_gradient, overlay_png
@@ -104,6 +105,7 @@ def predict() -> Response:
     started = time.perf_counter()
     event = app.current_event
     explain = (event.query_string_parameters or {}).get("explain", "").strip().lower() in _TRUE
+    answer = dicom_results.requested(event.headers.get("accept"))  # None: JSON
     # The input is checked before the model is asked for, so bad input gets its 4xx even while
     # the model is unavailable.
     payload = extract_image(event.body, bool(event.is_base64_encoded), event.headers.get("content-type"))
@@ -113,6 +115,9 @@ def predict() -> Response:
         decode_image(payload.data, payload.declared_format)  # a bad image still gets its 4xx first
         raise
     decoded = decode_image(payload.data, payload.declared_format, decode_min_side(model.bundle.preprocessing))
+    if answer and decoded.format != "dicom":
+        raise dicom_results.refuse_non_dicom(decoded.format)
+    explain = explain or answer == dicom_results.SR_AND_HEATMAP
 
     t0 = time.perf_counter()
     # Raises NotAChestXray (422 not_a_chest_xray, no label or probability) for an image the bundle's
@@ -129,7 +134,7 @@ def predict() -> Response:
     }
     if prediction.verdict is not None:  # how typical the image was: ood_score <= ood_cutoff, view_probability >= view_cutoff
         body.update(prediction.verdict.public())
-    heatmap_ms = 0.0
+    heatmap_ms, png = 0.0, None
     if explain:
         t1 = time.perf_counter()
         cam = class_activation_map(bundle, prediction.features, bundle.class_names.index(prediction.label))
@@ -156,9 +161,22 @@ def predict() -> Response:
         "input": {"kind": payload.kind, "format": decoded.format, "bytes": len(payload.data),
                   "width": decoded.width, "height": decoded.height},
         "explain": explain, "latency_ms": round(latency_ms, 2), "inference_ms": round(inference_ms, 2),
-        "heatmap_ms": round(heatmap_ms, 2),
+        "heatmap_ms": round(heatmap_ms, 2), "answer": answer or "json",
     })
+    if answer:
+        return _dicom(answer, payload.data, model, prediction, png)
     return _json(200, body)
+
+
+def _dicom(answer: str, data: bytes, model: Any, prediction: Any, png: bytes | None) -> Response:
+    bundle = model.bundle
+    result = dicom_results.Result(
+        pneumonia=prediction.label == bundle.class_names[bundle.positive_index], probability=prediction.probability,
+        threshold=prediction.threshold, model_name=f"{SERVICE_NAME} {bundle.meta.get('architecture') or 'model'}",
+        model_version=bundle.version, archive_sha256=model.sha256)
+    objects = dicom_results.result_objects(data, result, png if answer == dicom_results.SR_AND_HEATMAP else None)
+    payload, media = dicom_results.response_body(answer, objects)
+    return Response(status_code=200, content_type=media, body=payload, headers={"Cache-Control": "no-store"})
 
 
 # -- errors ---------------------------------------------------------------------------------------

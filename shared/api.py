@@ -23,8 +23,11 @@ IMAGE_MEDIA_TYPES: tuple[str, ...] = SUPPORTED_MEDIA_TYPES  # image/jpeg, image/
 JSON_MEDIA_TYPE = "application/json"
 MULTIPART_MEDIA_TYPE = "multipart/form-data"
 ACCEPTED_MEDIA_TYPES: tuple[str, ...] = (*IMAGE_MEDIA_TYPES, JSON_MEDIA_TYPE, MULTIPART_MEDIA_TYPE)
-# Everything accepted except JSON, which is text.
-BINARY_MEDIA_TYPES: list[str] = [*IMAGE_MEDIA_TYPES, MULTIPART_MEDIA_TYPE]
+# The DICOM answers' media type (inference_lambda/dicom_results.py) besides application/dicom.
+DICOM_MULTIPART_MEDIA_TYPE = "multipart/related"
+# Everything accepted except JSON, which is text, and the DICOM answers: API Gateway passes a
+# base64 response body on as binary when the request's Accept names one of these.
+BINARY_MEDIA_TYPES: list[str] = [*IMAGE_MEDIA_TYPES, MULTIPART_MEDIA_TYPE, DICOM_MULTIPART_MEDIA_TYPE]
 
 CORS_ALLOW_HEADERS: tuple[str, ...] = ("Content-Type", API_KEY_HEADER)
 CORS_ALLOW_METHODS: tuple[str, ...] = ("GET", "POST", "OPTIONS")
