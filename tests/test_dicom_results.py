@@ -16,14 +16,15 @@ import subprocess
 
 import pydicom
 import pytest
-from conftest import ROOT, original_images
+import test_field_files
+from conftest import original_images
 from field_corpus import dicom_file, picture, png8
 from test_inference_support import PATIENT_ID, PATIENT_NAME, FakeContext, Reply, api_event
 
 from inference_lambda import dicom_results
 
+app = test_field_files.app  # the fixture: the handler serving the reference model
 pytestmark = pytest.mark.filterwarnings("ignore:No application metrics to publish")
-REFERENCE = ROOT / "models" / "reference" / "model.tar.gz"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 STUDY_UID = "1.2.826.0.1.3680043.8.498.7734.1"
@@ -32,19 +33,6 @@ DCIODVFY = shutil.which("dciodvfy")
 # CI installs dicom3tools (.ci/run); only a hand-run pytest without it may skip.
 needs_dciodvfy = pytest.mark.skipif(DCIODVFY is None and os.environ.get("CI") != "true",
                                     reason="dciodvfy (Debian package dicom3tools) is not installed")
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    from inference_lambda import app as app_module
-    from inference_lambda.config import Settings
-    from inference_lambda.model_store import ModelStore
-
-    settings = Settings(model_uri=str(REFERENCE), cache_dir=tmp_path_factory.mktemp("reference-cache"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(app_module, "settings", settings)
-        mp.setattr(app_module, "store", ModelStore(settings))
-        yield app_module
 
 
 def clinical_dicom(pic, encoding: str = "explicit_le", photometric: str = "MONOCHROME2") -> bytes:
