@@ -48,6 +48,11 @@ def error_code(exc: BaseException) -> str:
     return str(err.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or "")
 
 
+def is_no_credentials(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from missing or partial AWS credentials."""
+    return isinstance(aws_cause(exc), NoCredentialsError | PartialCredentialsError)
+
+
 def describe(exc: BaseException, resource: str = "") -> str | None:
     """One line saying why an AWS call failed, or None when ``exc`` is not an AWS error.
 

@@ -8,9 +8,11 @@ Writes one CSV row per object: key, label, probability (of PNEUMONIA), threshold
 or the error code and reason for a file that is not a usable X-ray; a bad file never stops the
 batch. In the cloud it starts the stack's ``BatchPredict`` state machine (a Distributed Map over
 the S3 listing: many scoring Lambdas at once) and prints its progress until it ends; the input
-must be in the stack's data bucket and the output under its ``batch/`` prefix. Against the local
-twin (``--s3-endpoint-url`` and ``--control-endpoint-url``, which it prints) the same scoring and
-merge functions run over the same listing in this process.
+must be in the stack's data bucket and the output under its ``batch/`` prefix, outside the input
+prefix (:func:`infra.functions.batch.location_problem`, the same rules in the twin). Against the
+local twin (``--twin``, which reads its endpoints from its state folder) the same scoring and
+merge functions run over the same listing in this process. An empty input prefix, a wrong
+location or a local path is one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import uuid
 from typing import Any
 
 from .aws_errors import report_aws_failure
-from .functions.batch import run_locally
+from .functions.batch import location_problem, run_locally
 from .functions.common import Clients, Settings, StepContext, parse_s3_uri, promoted_pointer
+from .functions.images import image_keys
 from .promote import PromotionError, approved_models
+from .twin.endpoints import TwinEndpointError, add_twin_arguments, twin_clients, twin_state_for
 
 POLL_SECONDS = 5.0
 
@@ -55,16 +59,14 @@ def job_input(input_uri: str, output_uri: str, model: dict[str, str]) -> dict[st
 
 
 def run_cloud(sfn: Any, cfn: Any, stack: str, job: dict[str, Any], say=print) -> dict[str, Any]:
-    from .constructs.batch import BATCH_OUTPUT_PREFIX
     from .launch import stack_outputs
 
     outputs = stack_outputs(cfn, stack)
     if "BatchStateMachineArn" not in outputs:
         raise PromotionError(f"stack {stack} has no BatchStateMachineArn output: deploy this version first")
-    data_bucket = outputs.get("DataBucketName")
-    if job["input_bucket"] != data_bucket or not parse_s3_uri(job["output_uri"])[1].startswith(BATCH_OUTPUT_PREFIX):
-        raise PromotionError(f"the input must be in s3://{data_bucket}/ and the output under s3://{data_bucket}/"
-                             f"{BATCH_OUTPUT_PREFIX}")
+    problem = location_problem(job["input_uri"], job["output_uri"], outputs.get("DataBucketName", ""))
+    if problem:
+        raise PromotionError(problem)
     arn = sfn.start_execution(stateMachineArn=outputs["BatchStateMachineArn"], input=json.dumps(job))["executionArn"]
     say(f"started {arn}")
     while True:
@@ -93,33 +95,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-version", help="an approved model version or package ARN (default: the model in service)")
     p.add_argument("--stack-name", default=load().stack_name, help="the deployed stack (default: cdk.json stackName)")
     p.add_argument("--region", help="AWS region (default: your AWS configuration)")
-    p.add_argument("--s3-endpoint-url", help="the local twin's S3 endpoint")
-    p.add_argument("--control-endpoint-url", help="the local twin's SSM/SageMaker endpoint")
+    add_twin_arguments(p)
     args = p.parse_args(argv)
     parameter, group = pointer_parameter_name(args.stack_name), model_package_group_name(args.stack_name)
-    twin = bool(args.s3_endpoint_url or args.control_endpoint_url)
     try:
-        if twin:
-            from .twin.servers import client
-
-            if not (args.s3_endpoint_url and args.control_endpoint_url):
-                raise PromotionError("the twin needs both --s3-endpoint-url and --control-endpoint-url")
-            s3, ssm, sm = (client("s3", args.s3_endpoint_url), client("ssm", args.control_endpoint_url),
-                           client("sagemaker", args.control_endpoint_url))
+        twin = twin_state_for(args)
+        if twin is not None:
+            problem = location_problem(args.input, args.output, twin.data_bucket)
+            if problem:
+                raise PromotionError(problem)
+            s3, ssm, sm = twin_clients(twin, "s3", "ssm", "sagemaker")
         else:
             import boto3
 
+            for option, uri in (("--input", args.input), ("--output", args.output)):
+                if not uri.startswith("s3://"):
+                    raise PromotionError(f"{option} {uri} is not an s3:// URI: batch reads and writes S3 only")
             session = boto3.session.Session(region_name=args.region)
             s3, ssm, sm = session.client("s3"), session.client("ssm"), session.client("sagemaker")
         model = choose_model(ssm, sm, parameter, group, args.model_version)
         job = job_input(args.input, args.output, model)
+        if not image_keys(s3, args.input)[1]:
+            raise PromotionError(f"no objects under {args.input}: check the prefix (a typo, or the images are "
+                                 "not uploaded yet)")
         print(f"scoring s3://{job['input_bucket']}/{job['input_prefix']} with {model['model_version']}")
-        if twin:
+        if twin is not None:
             result = run_locally(job, StepContext(Settings(), Clients(s3=s3)),
                                  progress=lambda done, total: print(f"  {done}/{total} batches done", flush=True))
         else:
             result = run_cloud(session.client("stepfunctions"), session.client("cloudformation"), args.stack_name, job)
-    except PromotionError as exc:
+    except (PromotionError, TwinEndpointError) as exc:
         print(f"batch not run: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - an AWS failure is told in one line; anything else is a bug

@@ -11,8 +11,8 @@ rewritten, naming the model it replaces as its ``previous`` (so a second ``previ
 first). Serving picks the change up within ``MODEL_POINTER_TTL_SECONDS``, without a redeploy.
 
 Against the stack in your account it uses your AWS credentials and the names derived from
-``--stack-name`` (cdk.json's ``stackName``). Against the local twin, pass the two endpoints it
-prints: ``--s3-endpoint-url`` and ``--control-endpoint-url``.
+``--stack-name`` (cdk.json's ``stackName``). Against the local twin pass ``--twin``: its endpoints
+and credentials come from its state folder (``--state-dir``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from shared.pointer import ModelPointer
 
 from .aws_errors import report_aws_failure
 from .functions.common import download, promoted_pointer
+from .twin.endpoints import TwinEndpointError
 
 
 class PromotionError(RuntimeError):
@@ -122,13 +123,11 @@ def resolve(choice: str, ssm: Any, sagemaker: Any, parameter: str, group: str) -
 
 
 def clients(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    if args.control_endpoint_url or args.s3_endpoint_url:
-        from .twin.servers import client
+    from .twin.endpoints import twin_clients, twin_state_for
 
-        if not (args.control_endpoint_url and args.s3_endpoint_url):
-            raise PromotionError("the twin needs both --s3-endpoint-url and --control-endpoint-url")
-        return (client("s3", args.s3_endpoint_url), client("ssm", args.control_endpoint_url),
-                client("sagemaker", args.control_endpoint_url))
+    twin = twin_state_for(args)
+    if twin is not None:
+        return tuple(twin_clients(twin, "s3", "ssm", "sagemaker"))
     import boto3
 
     session = boto3.session.Session(region_name=args.region)
@@ -144,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "  python -m infra.promote to 20261126-101500-ab12cd")
     p.add_argument("--stack-name", default=load().stack_name, help="the deployed stack (default: cdk.json stackName)")
     p.add_argument("--region", help="AWS region (default: your AWS configuration)")
-    p.add_argument("--s3-endpoint-url", help="the local twin's S3 endpoint (it prints it)")
-    p.add_argument("--control-endpoint-url", help="the local twin's SSM/SageMaker endpoint (it prints it)")
+    from .twin.endpoints import add_twin_arguments
+
+    add_twin_arguments(p)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="approved model packages, newest first, and which one serves")
     sub.add_parser("previous", help="roll back to the model the pointer names as previous")
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         target, reason = resolve(args.command if args.command == "previous" else args.model, ssm, sagemaker,
                                  parameter, group)
         new = move_pointer(s3, ssm, parameter, target, reason)
-    except PromotionError as exc:
+    except (PromotionError, TwinEndpointError) as exc:
         print(f"nothing moved: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - an AWS failure is told in one line; anything else is a bug

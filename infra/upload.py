@@ -1,7 +1,7 @@
 """Upload a dataset of chest X-rays to S3 in the layout training expects, the _READY marker last.
 
     python -m infra.upload --data ../shared/data/chest_xray_224 --bucket my-data-bucket --name pneumonia-v1
-    python -m infra.upload --data ./chest_xray --bucket b --name kaggle --endpoint-url http://127.0.0.1:8333
+    python -m infra.upload --data ./chest_xray --name kaggle --twin   # the running local twin
 
 Images go to ``s3://BUCKET/datasets/NAME/{train,val,test}/{NORMAL,PNEUMONIA}/...`` (``test/`` is the
 evaluation set, which training never reads) in parallel, with a
@@ -40,8 +40,9 @@ from shared.dataset import (
     training_size_problem,
 )
 
-from .aws_errors import describe, report_aws_failure
+from .aws_errors import describe, is_no_credentials, report_aws_failure
 from .functions.common import DATASETS_PREFIX
+from .twin.endpoints import TwinEndpointError, add_twin_arguments, check_endpoint, read_state
 
 SHA256_METADATA = "sha256"  # x-amz-meta-sha256
 CONTENT_TYPES = {".jpeg": "image/jpeg", ".jpg": "image/jpeg", ".png": "image/png", ".dcm": "application/dicom"}
@@ -163,28 +164,54 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=HelpFormatter)
     ap.add_argument("--data", type=Path, required=True,
                     help="dataset root: train/NORMAL, train/PNEUMONIA, optionally val/ and test/ (Kaggle chest_xray layout)")
-    ap.add_argument("--bucket", required=True, help="the stack's data bucket (its DataBucketName output)")
+    ap.add_argument("--bucket", help="the stack's data bucket (its DataBucketName output; required, except with --twin: "
+                                     "the twin's data bucket)")
     ap.add_argument("--name", required=True, help="dataset name: the images go to s3://BUCKET/datasets/NAME/")
-    ap.add_argument("--endpoint-url", help="an S3-compatible endpoint such as the local twin's (default: AWS S3)")
+    ap.add_argument("--endpoint-url", help="an S3-compatible endpoint (default: AWS S3; with --twin: the twin's)")
     ap.add_argument("--region", help="AWS region (default: the AWS CLI's, from AWS_REGION or ~/.aws/config)")
     ap.add_argument("--workers", type=int, default=8, help="parallel uploads")
     ap.add_argument("--retrain", action="store_true",
                     help="rewrite the marker even if the dataset is unchanged, which starts a new training run")
+    add_twin_arguments(ap, endpoints=False)
     return ap
+
+
+def _client_for(args: argparse.Namespace):
+    """(S3 client, bucket) for the command line: the twin's (--twin) or AWS's / --endpoint-url's."""
+    if args.twin:
+        state = read_state(args.state_dir)
+        endpoint = check_endpoint(args.endpoint_url or state.s3_endpoint, "s3", "--endpoint-url", args.state_dir)
+        from .twin.servers import client
+
+        return client("s3", endpoint, state.credentials), args.bucket or state.data_bucket
+    if not args.bucket:
+        raise TwinEndpointError("--bucket is required (or --twin for the local twin's data bucket)")
+    if args.endpoint_url:
+        check_endpoint(args.endpoint_url, "s3", "--endpoint-url")
+    return s3_client(args.endpoint_url, args.region), args.bucket
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    bucket = args.bucket
     try:
-        r = upload_dataset(args.data, args.bucket, args.name, s3_client(args.endpoint_url, args.region),
-                           args.workers, args.retrain, progress=sys.stderr.isatty(),
-                           log=lambda line: print(line, file=sys.stderr, flush=True))
+        s3, bucket = _client_for(args)
+        r = upload_dataset(args.data, bucket, args.name, s3, args.workers, args.retrain,
+                           progress=sys.stderr.isatty(), log=lambda line: print(line, file=sys.stderr, flush=True))
+    except KeyboardInterrupt:
+        print("\nupload interrupted: the _READY marker was not written, so no training started; run the same "
+              "command again to resume", file=sys.stderr)
+        return 130
     except (DatasetLayoutError, RuntimeError) as exc:
         print(f"upload failed: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - an AWS failure is told in one line; anything else is a bug
-        return report_aws_failure(exc, "upload failed", f"s3://{args.bucket}/")
-    print(f"{r.uploaded} uploaded, {r.skipped} already there; marker s3://{args.bucket}/{r.marker_key} "
+        if args.endpoint_url and not args.twin and is_no_credentials(exc):
+            print("upload failed: no credentials for that endpoint: for the local twin pass --twin "
+                  "(its credentials are in its state folder's twin.json)", file=sys.stderr)
+            return 1
+        return report_aws_failure(exc, "upload failed", f"s3://{bucket}/")
+    print(f"{r.uploaded} uploaded, {r.skipped} already there; marker s3://{bucket}/{r.marker_key} "
           f"{'written' if r.marker_written else 'unchanged'}; counts {r.manifest['counts']}")
     return 0
 

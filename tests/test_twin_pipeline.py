@@ -266,8 +266,8 @@ def test_rollback_round_trip_the_api_serves_the_model_rolled_back_to(twin, tmp_p
     promote_through_the_pipeline(twin, tmp_path, versioned_archive(tiny_bundle, tmp_path, "model-a"), "roll-a")
     promote_through_the_pipeline(twin, tmp_path, versioned_archive(tiny_bundle, tmp_path, "model-b"), "roll-b")
     assert twin.pointer().model_version == "model-b" and twin.wait_for_model("model-b")
-    endpoints = ["--stack-name", twin.cfg.stack_name, "--s3-endpoint-url", twin.s3_server.endpoint,
-                 "--control-endpoint-url", twin.control.endpoint]
+    endpoints = ["--stack-name", twin.cfg.stack_name, "--state-dir", str(twin.state_dir),
+                 "--s3-endpoint-url", twin.s3_server.endpoint, "--control-endpoint-url", twin.control.endpoint]
     assert promote.main([*endpoints, "list"]) == 0
     listed = capsys.readouterr().out
     assert "* model-b" in listed and "model-a" in listed
@@ -300,8 +300,7 @@ def test_batch_over_a_prefix_with_a_corrupt_file(twin, capsys):
         twin.s3.put_object(Bucket=twin.data_bucket, Key=f"incoming/day1/{path.name}", Body=path.read_bytes())
     twin.s3.put_object(Bucket=twin.data_bucket, Key="incoming/day1/zz-corrupt.jpeg", Body=images[0].read_bytes()[:300])
     twin.s3.put_object(Bucket=twin.data_bucket, Key="incoming/day1/notes.txt", Body=b"not an image")
-    code = batch_predict.main(["--stack-name", twin.cfg.stack_name, "--s3-endpoint-url", twin.s3_server.endpoint,
-                               "--control-endpoint-url", twin.control.endpoint,
+    code = batch_predict.main(["--stack-name", twin.cfg.stack_name, "--twin", "--state-dir", str(twin.state_dir),
                                "--input", f"s3://{twin.data_bucket}/incoming/day1/",
                                "--output", f"s3://{twin.data_bucket}/batch/day1.csv"])
     out = capsys.readouterr().out

@@ -107,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     for s in m["skipped"]:
         print(f"skipped unreadable image {s['file']}: {s['reason']}", file=sys.stderr)
     missing = [c for c, count in zip(CLASS_NAMES, (m["negatives"], m["positives"]), strict=True) if count == 0]
+    split = Path(m["data"]).name
+    if split == "train" and args.split != "train":
+        print(f"warning: {args.data} has no test/ or val/ split, so these are the TRAINING images "
+              f"({m['data']}): the figures overstate the model; evaluate on images it never saw", file=sys.stderr)
+    print(f"scored {m['data']} ({split}/)")
     print(f"{m['n']} images, threshold {m['threshold']:.4f} (95% CI): accuracy {format_with_ci(m, 'accuracy', 4)}, "
           f"sensitivity {format_with_ci(m, 'sensitivity', 4)}, specificity {format_with_ci(m, 'specificity', 4)}, "
           f"ROC AUC {format_with_ci(m, 'roc_auc', 4)}"

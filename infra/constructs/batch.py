@@ -20,7 +20,7 @@ from aws_cdk import aws_stepfunctions_tasks as tasks
 from constructs import Construct
 
 from ..config import MODELS_PREFIX, Config
-from ..functions.batch import ITEMS_PER_BATCH
+from ..functions.batch import BATCH_OUTPUT_PREFIX, ITEMS_PER_BATCH
 from ..functions.common import Settings
 from ..nag import acknowledge, acknowledge_wildcards
 from ..packaging import stage_functions_context
@@ -28,7 +28,6 @@ from . import output
 from .lambdas import container_function, log_group
 from .storage import Storage
 
-BATCH_OUTPUT_PREFIX = "batch/"  # outputs (and their work parts) go here in the data bucket
 MAX_CONCURRENCY = 40
 _ENV = Settings.env_names()
 

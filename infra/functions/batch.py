@@ -29,6 +29,7 @@ from .common import LOG, StepContext, StepError, download, lambda_handler, parse
 from .images import fetcher, image_keys, split_uri
 
 COLUMNS = ("key", "label", "probability", "threshold", "model_version", "error_code", "error")
+BATCH_OUTPUT_PREFIX = "batch/"  # outputs (and their work parts) go here in the data bucket (the stack's IAM says so)
 ITEMS_PER_BATCH = 100  # keys per Lambda invocation: ~10 s of scoring, far from the 15-minute limit
 PARTS_FOLDER = "parts/"
 
@@ -37,6 +38,35 @@ _loaded: dict[str, Any] = {}  # sha256 -> OnnxPredictor, kept while the Lambda c
 
 class BatchError(StepError):
     pass
+
+
+def location_problem(input_uri: str, output_uri: str, data_bucket: str) -> str | None:
+    """Why a batch may not read ``input_uri`` and write ``output_uri``, in one line; None when it may.
+
+    The rules the stack's permissions enforce in the cloud, and the twin checks the same way: both
+    ``s3://`` URIs; the input anywhere in ``data_bucket``; the output a ``.csv`` object under
+    ``data_bucket``'s ``batch/`` prefix (never the artifacts bucket), and not under the input
+    prefix (a CSV there would be scored by every later batch of that prefix)."""
+    where = f"s3://{data_bucket}/{BATCH_OUTPUT_PREFIX}NAME.csv"
+    for option, uri in (("--input", input_uri), ("--output", output_uri)):
+        if not uri.startswith("s3://"):
+            return (f"{option} {uri} is not an s3:// URI: batch reads and writes S3 only"
+                    + (f" (use --output {where}, then download it)" if option == "--output" else ""))
+    in_bucket, in_prefix = split_uri(input_uri)
+    try:
+        out_bucket, out_key = parse_s3_uri(output_uri)
+    except StepError:
+        return f"--output {output_uri} names no object: use {where}"
+    if in_bucket != data_bucket:
+        return f"--input must be in the data bucket s3://{data_bucket}/, not s3://{in_bucket}/"
+    if out_bucket != data_bucket or not out_key.startswith(BATCH_OUTPUT_PREFIX):
+        return f"--output must be under s3://{data_bucket}/{BATCH_OUTPUT_PREFIX}, not s3://{out_bucket}/{out_key}"
+    if not out_key.endswith(".csv"):
+        return f"--output {output_uri} must name a .csv object"
+    if out_key.startswith(in_prefix):
+        return (f"--output {output_uri} is inside the input prefix s3://{in_bucket}/{in_prefix}: later batches "
+                "of that prefix would score the CSV; write it elsewhere under " + f"s3://{data_bucket}/{BATCH_OUTPUT_PREFIX}")
+    return None
 
 
 def predictor_for(s3: Any, model_uri: str, sha256: str) -> Any:

@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"dataset root with train/{{NORMAL,PNEUMONIA}} (Kaggle chest_xray layout); default: {DEFAULT_DATA}")
     p.add_argument("--dataset-name", help="name under datasets/ in the data bucket; default: the folder's name")
     p.add_argument("--port", type=int, default=0, help="the local API's port on 127.0.0.1; 0 picks a free one")
+    p.add_argument("--s3-port", type=int, default=0,
+                   help="the S3 endpoint's port on 127.0.0.1; 0 picks a free one at every start")
+    p.add_argument("--control-port", type=int, default=0,
+                   help="the control plane's (SSM, SageMaker, SNS) port on 127.0.0.1; 0 picks a free one at every start")
     p.add_argument("--once", action="store_true", default=os.environ.get("ONCE", "").strip().lower() in TRUE_WORDS,
                    help="stop everything after the run and a prediction (also env ONCE=1)")
     g = p.add_mutually_exclusive_group()
@@ -88,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve-seconds", type=float, default=0.0,
                    help="without --once: stop after this many seconds of serving (0 = until Ctrl-C)")
     p.add_argument("--serve-only", action="store_true",
-                   help="start the servers and the API with the model in service; no upload, no training")
+                   help="start the servers and the API with the model in service; no upload and no training (a dataset "
+                        "uploaded meanwhile is trained at the next start without --serve-only)")
     p.add_argument("--quiet-training", action="store_true", help="keep the training job's output in its log file only")
     return p
 
@@ -110,6 +115,7 @@ def options_from(args: argparse.Namespace, data: Path | None, interactive: bool)
         thresholds = dict(load().gate_thresholds)
         thresholds.update({k: float(v) for k, v in args.gate_threshold})
     return TwinOptions(state_dir=args.state_dir, data=data, dataset_name=args.dataset_name, port=args.port,
+                       s3_port=args.s3_port, control_port=args.control_port,
                        recipe=args.recipe, hyperparameters=hp, gate_thresholds=thresholds,
                        gate_require_improvement=args.gate_require_improvement,
                        gate_min_improvement=args.gate_min_improvement, reference=args.reference,
@@ -193,18 +199,28 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     data = Path(data) if data is not None else None
     twin = Twin(options_from(args, data, interactive), say=say)
+    try:
+        twin.claim()  # a busy state folder or port: one line, before anything starts
+    except RuntimeError as exc:
+        print(f"twin not started: {exc}", file=sys.stderr)
+        return 1
     code = 0
     try:
         say("== local twin: starting S3, the control plane and the API on 127.0.0.1")
         twin.start()
         say(f"API         {twin.url}   (GET / is the upload page, GET /health is open)")
-        say(f"API key     {twin.api_key}   (header x-api-key on POST /predict)")
+        say(f"API key     {twin.api_key}   (header x-api-key on POST /predict; kept in {twin.state_dir / 'api-key'})")
+        say(f"credentials AWS_ACCESS_KEY_ID={twin.credentials.access_key_id} "
+            f"AWS_SECRET_ACCESS_KEY={twin.credentials.secret_access_key}   (S3 and the control plane accept "
+            f"only these, until the next start; with the endpoints in {twin.state_file}, which --twin reads)")
         say(f"in service  {twin.in_service()}")
         image = sample_image(data)
         show_prediction(twin, image)
         if args.serve_only:
             if not args.once:
                 serve(twin, args.serve_seconds, watch=False)
+            else:
+                announce_untrained(twin, MarkerWatcher(twin.s3, twin.data_bucket).current())
             return 0
 
         for report in twin.resume_interrupted():
@@ -239,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"try it      curl -s -H 'x-api-key: {twin.api_key}' -H 'Content-Type: image/jpeg' "
             f"--data-binary @{image or 'xray.jpeg'} '{twin.url}predict'   (add ?explain=1 for the heatmap)")
         say(f"            open {twin.url} in a browser (paste the API key in the page)")
+        code = max(code, catch_up(twin, name))
         if args.once:
             return code
         serve(twin, args.serve_seconds)
@@ -254,20 +271,54 @@ def main(argv: list[str] | None = None) -> int:
         say("stopped: every server and process the twin started has exited")
 
 
+def upload_line(twin: Twin) -> str:
+    """The upload command for this twin, runnable as printed from the repository root."""
+    state = "" if twin.state_dir == STATE_DIR.resolve() else f" --state-dir {twin.state_dir}"
+    return f".venv/bin/python -m infra.upload --twin{state} --name NAME --data DIR"
+
+
+def announce_untrained(twin: Twin, events: list[dict[str, Any]]) -> None:
+    """--serve-only: say, for each marker not yet trained on, that this twin will not train it."""
+    for event in events:
+        if twin.not_yet_run(event):
+            key = event["detail"]["object"]["key"]
+            say(f"not training s3://{twin.data_bucket}/{key}: --serve-only does not train; the next start "
+                "without --serve-only will")
+
+
+def catch_up(twin: Twin, handled: str | None = None) -> int:
+    """Run every dataset marker whose current version has not run yet (uploaded while the twin was
+    stopped or serving only); 1 when one of those runs failed."""
+    code = 0
+    for event in MarkerWatcher(twin.s3, twin.data_bucket).current():
+        if event["detail"]["object"]["key"] == f"datasets/{handled}/_READY" or not twin.not_yet_run(event):
+            continue
+        say(f"== marker s3://{twin.data_bucket}/{event['detail']['object']['key']} has not run yet: running it")
+        report = twin.handle(event)
+        if report is not None and report.outcome != "duplicate":
+            show_run(report)
+            code = max(code, int(report.status == "FAILED"))
+    return code
+
+
 def serve(twin: Twin, seconds: float, watch: bool = True) -> None:
-    """Serve until interrupted, starting a run for each new marker version uploaded meanwhile."""
+    """Serve until interrupted, starting a run for each new marker version uploaded meanwhile
+    (without ``watch``: saying, for each, that it is left for the next start)."""
     if watch:
-        say(f"serving on {twin.url} -- upload a dataset to the twin's S3 to train again (any credentials: "
-            f"AWS_ACCESS_KEY_ID=x AWS_SECRET_ACCESS_KEY=x python -m infra.upload --endpoint-url "
-            f"{twin.s3_server.endpoint} --bucket {twin.data_bucket} --name NAME --data DIR); Ctrl-C stops everything")
+        say(f"serving on {twin.url} -- upload a dataset to the twin's S3 to train again "
+            f"({upload_line(twin)}); Ctrl-C stops everything")
     else:
-        say(f"serving on {twin.url} -- Ctrl-C stops everything")
+        say(f"serving on {twin.url} (--serve-only: uploaded datasets are not trained until a start without it) "
+            "-- Ctrl-C stops everything")
     watcher = MarkerWatcher(twin.s3, twin.data_bucket)
-    watcher.poll()  # what is there now has been handled
+    first = watcher.current()  # what is there now has been handled (or, serving only, is announced)
+    if not watch:
+        announce_untrained(twin, first)
     deadline = time.monotonic() + seconds if seconds > 0 else None
     while deadline is None or time.monotonic() < deadline:
         time.sleep(WATCH_INTERVAL)
         if not watch:
+            announce_untrained(twin, watcher.poll())
             continue
         for event in watcher.poll():
             report = twin.handle(event)

@@ -25,12 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .processes import LOOPBACK, ProcessGroup, free_port, http_ok, stop, tail, wait_until
+from .auth import Credentials, current_credentials, guarded
+from .processes import LOOPBACK, ProcessGroup, free_port, http_ok, port_is_free, stop, tail, wait_until
 
 REGION = "us-east-1"
-# Fake credentials for every client the twin makes (the servers accept any).
-ACCESS_KEY = "twinaccesskey"
-SECRET_KEY = "twinsecretkey0000000000000000000000000000"
 GRPC_OFFSET = 10000  # SeaweedFS derives some gRPC ports as HTTP port + 10000
 START_TIMEOUT = 60.0
 
@@ -50,10 +48,11 @@ def weed_binary() -> str:
 
 
 def aws_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a child that may create boto3 clients: loopback only, fake credentials."""
+    """Environment for a child that may create boto3 clients: loopback only, the twin's credentials."""
+    creds = current_credentials()
     env = {k: os.environ[k] for k in _SAFE_ENV if k in os.environ}
     env.update({
-        "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": REGION,
+        "AWS_ACCESS_KEY_ID": creds.access_key_id, "AWS_SECRET_ACCESS_KEY": creds.secret_access_key, "AWS_DEFAULT_REGION": REGION,
         "AWS_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull,
         "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "SAGEMAKER_TELEMETRY_OPT_OUT": "true",
     })
@@ -61,13 +60,16 @@ def aws_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def client(service: str, endpoint_url: str) -> Any:
+def client(service: str, endpoint_url: str, credentials: Credentials | None = None) -> Any:
+    """A boto3 client for one of the twin's servers, signing with ``credentials`` (default: this
+    process's twin's, :func:`infra.twin.auth.current_credentials`)."""
     import boto3
     from botocore.config import Config
 
+    creds = credentials or current_credentials()
     os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
-    session = boto3.session.Session(aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
-                                    region_name=REGION)
+    session = boto3.session.Session(aws_access_key_id=creds.access_key_id,
+                                    aws_secret_access_key=creds.secret_access_key, region_name=REGION)
     cfg = Config(retries={"max_attempts": 4, "mode": "standard"}, max_pool_connections=32,
                  connect_timeout=5, read_timeout=60,
                  s3={"addressing_style": "path"} if service == "s3" else None)
@@ -77,12 +79,12 @@ def client(service: str, endpoint_url: str) -> Any:
 class SeaweedS3:
     """``weed mini`` on loopback with its data in ``data_dir``."""
 
-    def __init__(self, data_dir: Path, processes: ProcessGroup, log_dir: Path) -> None:
+    def __init__(self, data_dir: Path, processes: ProcessGroup, log_dir: Path, port: int = 0) -> None:
         self.data_dir = Path(data_dir)
         self.processes = processes
         self.log_path = Path(log_dir) / "seaweedfs.log"
         self.proc = None
-        self.port = 0
+        self.port = port  # 0: a free one
         self._sockets: list[Path] = []
 
     @property
@@ -99,13 +101,18 @@ class SeaweedS3:
             taken.update((p, p + GRPC_OFFSET))
             return p, p + GRPC_OFFSET
 
-        ports = {name: pair() for name in ("master", "volume", "filer", "s3", "admin")}
+        if self.port:
+            taken.update((self.port, self.port + GRPC_OFFSET))
+        ports = {name: pair() for name in ("master", "volume", "filer", "admin")}
+        ports["s3"] = (self.port, self.port + GRPC_OFFSET) if self.port else pair()
         self.port = ports["s3"][0]
         # weed puts these beside every other program's sockets in /tmp; they are removed on stop.
         self._sockets = [Path(f"/tmp/seaweedfs-{name}-{ports[name][0]}.sock") for name in ("s3", "filer")]
         cmd = [weed_binary(), "mini", f"-dir={self.data_dir}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
                "-master.telemetry=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-               "-s3.iam=false", "-admin.ui=false", f"-admin.dataDir={self.data_dir / 'admin'}"]
+               "-s3.iam=false", "-admin.ui=false", f"-admin.dataDir={self.data_dir / 'admin'}",
+               # Only the twin's per-start credentials, and no CORS for any origin a browser sends.
+               f"-s3.config={self._identities()}", f"-s3.allowedOrigins={NO_ORIGIN}"]
         for name, (http, grpc) in ports.items():
             cmd += [f"-{name}.port={http}", f"-{name}.port.grpc={grpc}"]
         # No AWS_* variables: with credentials in its environment weed mini would create that one
@@ -123,6 +130,18 @@ class SeaweedS3:
                    f"exited with {self.proc.returncode}: {tail(self.log_path, 800)}")
         return self
 
+    def _identities(self) -> Path:
+        """The S3 identities file: one identity, the twin's credentials for this start (mode 0600)."""
+        creds = current_credentials()
+        path = self.data_dir / "s3-identities.json"
+        doc = {"identities": [{"name": "twin", "credentials": [{"accessKey": creds.access_key_id,
+                                                                 "secretKey": creds.secret_access_key}],
+                               "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+        return path
+
     def stop(self) -> None:
         if self.proc is not None:
             stop(self.proc)
@@ -133,6 +152,41 @@ class SeaweedS3:
                 if sock.is_socket():
                     sock.unlink()
         self._sockets = []
+
+
+# A value no browser sends as its Origin, so SeaweedFS answers no origin's CORS request.
+NO_ORIGIN = "http://cors-disabled.invalid"
+
+
+class _GuardedMotoServer:
+    """moto's server app behind :func:`infra.twin.auth.guarded`: SigV4 with the twin's
+    credentials required, no CORS, no browser requests."""
+
+    def __init__(self, host: str, port: int, creds: Credentials) -> None:
+        from moto.moto_server.werkzeug_app import (
+            DomainDispatcherApplication,
+            MotoRequestHandler,
+            create_backend_app,
+        )
+        from werkzeug.serving import make_server
+
+        app = guarded(DomainDispatcherApplication(create_backend_app), creds, "control-plane")
+        self._server = make_server(host, port, app, threaded=True, request_handler=MotoRequestHandler)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="twin-moto", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(10)
+
+
+def ports_in_use(*ports: int) -> list[int]:
+    """Those of ``ports`` (0 = pick one: never busy) that something on 127.0.0.1 already holds."""
+    return [p for p in ports if p and not port_is_free(p)]
 
 
 @dataclass
@@ -160,12 +214,12 @@ _PACKAGE_FIELDS = ("ModelPackageDescription", "ModelApprovalStatus", "ModelMetri
 class ControlPlane:
     """moto's server for SSM, SageMaker and SNS, with the state a later run needs saved to disk."""
 
-    def __init__(self, snapshot_path: Path, parameter_prefix: str, package_group: str) -> None:
+    def __init__(self, snapshot_path: Path, parameter_prefix: str, package_group: str, port: int = 0) -> None:
         self.snapshot_path = Path(snapshot_path)
         self.parameter_prefix = parameter_prefix
         self.package_group = package_group
         self.server = None
-        self.port = 0
+        self.port = port  # 0: a free one
         self._lock = threading.Lock()
 
     @property
@@ -173,13 +227,11 @@ class ControlPlane:
         return f"http://{LOOPBACK}:{self.port}"
 
     def start(self) -> ControlPlane:
-        from moto.server import ThreadedMotoServer
-
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per AWS call otherwise
-        self.server = ThreadedMotoServer(ip_address=LOOPBACK, port=0, verbose=False)
+        self.server = _GuardedMotoServer(LOOPBACK, self.port, current_credentials())
         self.server.start()
-        self.port = self.server.get_host_and_port()[1]
-        wait_until(lambda: http_ok(f"{self.endpoint}/moto-api/"), START_TIMEOUT, f"moto server on {self.endpoint}")
+        self.port = self.server.port
+        wait_until(lambda: http_ok(self.endpoint), START_TIMEOUT, f"moto server on {self.endpoint}")
         self._restore(Snapshot.load(self.snapshot_path))
         return self
 

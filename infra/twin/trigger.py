@@ -172,6 +172,20 @@ class MarkerWatcher:
         return marker_event(self.bucket, key, version_id=version if version and version != "null" else None,
                             etag=(head.get("ETag") or "").strip('"') or None, time=when)
 
+    def current(self) -> list[dict[str, Any]]:
+        """Events for the current version of every dataset's marker (marking every version seen)."""
+        events = []
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=DATASETS_PREFIX,
+                                                                    Delimiter="/")
+        for page in pages:
+            for cp in page.get("CommonPrefixes", []):
+                key = cp["Prefix"] + MARKER_NAME
+                self._seen.update((key, v["VersionId"]) for v in self._versions(key))
+                event = self.marker(key)
+                if event is not None:
+                    events.append(event)
+        return events
+
     def poll(self) -> list[dict[str, Any]]:
         """Events for marker versions not seen before by this watcher, oldest first.
 

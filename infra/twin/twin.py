@@ -46,9 +46,11 @@ from ..functions.starter import initial_state
 from ..names import model_package_group_name, pointer_parameter_name
 from ..pipeline import Execution, execute
 from ..upload import upload_dataset
+from .auth import new_credentials, set_credentials
+from .endpoints import TwinState, write_state
 from .gateway import LocalApiGateway, lambda_environment
 from .processes import ProcessGroup
-from .servers import ControlPlane, SeaweedS3, client
+from .servers import ControlPlane, SeaweedS3, client, ports_in_use
 from .training import LocalTrainingJob
 from .trigger import Executions, MarkerWatcher, matches_rule
 
@@ -80,6 +82,8 @@ class TwinOptions:
     data: Path | None = None
     dataset_name: str | None = None
     port: int = 0
+    s3_port: int = 0  # 0: a free one at every start
+    control_port: int = 0
     recipe: str = "quick"
     hyperparameters: dict[str, str] = field(default_factory=dict)  # overrides, any spelling
     gate_thresholds: dict[str, float] | None = None
@@ -137,27 +141,50 @@ class Twin:
         self.api_key = ""
         self._s3 = None
         self._run_lock = threading.Lock()
+        self._lock = None  # the state folder's lock file, held while this twin runs
+        self.credentials = None
+        self.state_file: Path | None = None
         self.reference_uri = f"s3://{self.artifacts_bucket}/{REFERENCE_KEY}"
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    def start(self) -> Twin:
+    def claim(self) -> None:
+        """Take the state folder and check the pinned ports, before anything starts.
+
+        Raises :class:`RuntimeError` in one line when another twin holds the folder or a port is taken."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self._lock is None:
+            self._lock = claim_state_dir(self.state_dir)
+        busy = ports_in_use(self.o.port, self.o.s3_port, self.o.control_port)
+        if busy:
+            raise RuntimeError(f"port {', '.join(map(str, busy))} on 127.0.0.1 is already in use (another twin, or "
+                               "another program): stop it or choose other --port/--s3-port/--control-port")
+
+    def start(self) -> Twin:
+        self.claim()
         self.logs.mkdir(parents=True, exist_ok=True)
         for leftover in (self.tmp_dir, self.state_dir / "lambda-tmp"):
             shutil.rmtree(leftover, ignore_errors=True)
         self.tmp_dir.mkdir(parents=True)
         os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
-        self.s3_server = SeaweedS3(self.state_dir / "seaweedfs", self.processes, self.logs).start()
+        self.credentials = new_credentials()  # the only ones the servers accept, until the next start
+        set_credentials(self.credentials)
+        self.s3_server = SeaweedS3(self.state_dir / "seaweedfs", self.processes, self.logs,
+                                   port=self.o.s3_port).start()
         self.say(f"S3 (SeaweedFS)        {self.s3_server.endpoint}   data in {self.state_dir / 'seaweedfs'}")
         self.control = ControlPlane(self.state_dir / "control-plane.json", f"/{self.cfg.stack_name}",
-                                    self.package_group).start()
+                                    self.package_group, port=self.o.control_port).start()
         self.say(f"SSM, SageMaker, SNS   {self.control.endpoint}   (moto)")
         self._s3 = client("s3", self.s3_server.endpoint)
         self._create_resources()
         self.api_key = self._api_key()
         self.ensure_model_in_service()
         self.start_api()
+        self.state_file = write_state(self.state_dir, TwinState(
+            s3_endpoint=self.s3_server.endpoint, control_endpoint=self.control.endpoint, api_url=self.url,
+            data_bucket=self.data_bucket, artifacts_bucket=self.artifacts_bucket,
+            access_key_id=self.credentials.access_key_id, secret_access_key=self.credentials.secret_access_key,
+            pid=os.getpid()))
         return self
 
     def start_api(self) -> LocalApiGateway:
@@ -191,6 +218,11 @@ class Twin:
         self.gateway = self.control = self.s3_server = None
         shutil.rmtree(self.state_dir / "lambda-tmp", ignore_errors=True)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                (self.state_dir / "twin.json").unlink()
+            self._lock.close()
+            self._lock = None
         if errors:
             raise errors[0]
 
@@ -399,6 +431,13 @@ class Twin:
                          "(training resumes from its checkpoints)")
             return self._execute(rid, state)
 
+    def not_yet_run(self, event: dict[str, Any]) -> bool:
+        """Whether ``event`` is a marker the rule matches whose version has no run yet."""
+        if not matches_rule(event, self.data_bucket):
+            return False
+        state = initial_state(event, self.context().settings)
+        return state is not None and self.executions.get(state["run"]["run_id"]) is None
+
     def resume_interrupted(self) -> list[RunReport]:
         """Run again the executions a stopped twin left unfinished."""
         reports = []
@@ -464,6 +503,28 @@ class Twin:
             in_a_row = 0
             time.sleep(0.5)
         return False
+
+
+def claim_state_dir(state_dir: Path) -> Any:
+    """An exclusive lock on ``state_dir/lock`` (held until the returned file is closed).
+
+    Raises :class:`RuntimeError` when another twin holds it."""
+    import fcntl
+
+    f = open(Path(state_dir) / "lock", "a+")  # noqa: SIM115 - held for the twin's lifetime
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise RuntimeError(f"the state folder {state_dir} is in use by another twin (pid {pid}): stop that one, "
+                           "or pass another --state-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def _now() -> str:
