@@ -414,6 +414,9 @@ def _decode_dicom_dataset(data: bytes) -> DecodedImage:
     if frames != 1:
         raise UnsupportedDicomError(f"multi-frame DICOM ({frames} frames) is not supported; send a single radiograph")
     tsyntax = _settle_transfer_syntax(ds)
+    from .frame_limits import check_encapsulated_frame
+
+    check_encapsulated_frame(ds, rows, cols)  # the codestream's own size, before a decoder allocates it
     try:
         arr = ds.pixel_array
     except NotImplementedError:
