@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -47,8 +48,18 @@ OUTPUT_NAMES = ("logits", "features")
 
 OOD_FILE = "ood.npz"
 _OOD_KEYS = ("file", "sha256", "cutoff", "view_cutoff")
-_MAX_ARCHIVE_MEMBERS = 64
-_MAX_UNPACKED_BYTES = 512 * 1024 * 1024
+
+# What ``unpack`` accepts, the one home of the archive limits: only the bundle's own members, as
+# regular files (or the folders holding them), each within its own cap and all of them together
+# within MAX_UNPACKED_BYTES (half of Lambda's default 512 MB /tmp would be 256 MB; the serving
+# function's /tmp is sized for it). Links, devices, FIFOs and sparse files are refused on every
+# Python, whatever its tarfile filters do (CVE-2025-4517 bypasses the ``data`` filter before
+# 3.11.13 / 3.12.11).
+MAX_ARCHIVE_MEMBERS = 64
+MAX_UNPACKED_BYTES = 512 * 1024 * 1024
+MEMBER_MAX_BYTES = {BUNDLE_JSON: 16 * 1024 * 1024, MODEL_FILE: MAX_UNPACKED_BYTES, OOD_FILE: 128 * 1024 * 1024}
+REPORT_FILE_MAX_BYTES = 16 * 1024 * 1024  # each file under report/ (metrics.json, plots, MODEL_CARD.md)
+_REPORT_FILE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}$")
 
 
 class BundleError(ValueError):
@@ -239,24 +250,120 @@ def pack(bundle_dir: str | os.PathLike, archive: str | os.PathLike) -> Path:
 
 
 def unpack(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """Extract a ``model.tar.gz`` safely (no links, no paths outside ``dest``, bounded size)."""
+    """Extract a ``model.tar.gz`` into ``dest`` and return ``dest``.
+
+    Only the bundle's own members are written (``bundle.json``, ``model.onnx``, ``ood.npz``,
+    ``report/<file>``, with or without a leading ``./``), as regular files of mode 0644, each
+    within :data:`MEMBER_MAX_BYTES` / :data:`REPORT_FILE_MAX_BYTES`, all within
+    :data:`MAX_UNPACKED_BYTES`, at most :data:`MAX_ARCHIVE_MEMBERS` entries. Anything else (a link,
+    a device, a name outside ``dest``, an unknown member, a name given twice) raises
+    :class:`BundleError` naming the member, before a single file is written. The extraction is
+    this function's own, so it holds on a Python whose ``tarfile`` filters can be bypassed.
+    """
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    label = Path(archive).name
     try:
         with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            if len(members) > _MAX_ARCHIVE_MEMBERS * 16:
-                raise BundleError(f"model archive has {len(members)} entries; refusing to unpack")
-            if sum(m.size for m in members) > _MAX_UNPACKED_BYTES:
-                raise BundleError("model archive unpacks to more than 512 MB; refusing to unpack")
-            tar.extractall(dest, filter="data")
+            members = _checked_members(tar, label)
+            dest.mkdir(parents=True, exist_ok=True)
+            for member, name in members:
+                _extract(tar, member, dest, name, label)
     except tarfile.ReadError:
-        raise BundleError(f"cannot unpack model archive {Path(archive).name}: not a tar archive "
+        raise BundleError(f"cannot unpack model archive {label}: not a tar archive "
                           "(plain, gzip, bzip2 or xz)") from None
     except (tarfile.TarError, OSError, EOFError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
-        raise BundleError(f"cannot unpack model archive {Path(archive).name}: {reason}") from None
+        raise BundleError(f"cannot unpack model archive {label}: {reason}") from None
     return dest
+
+
+def _checked_members(tar: tarfile.TarFile, label: str) -> list[tuple[tarfile.TarInfo, str]]:
+    """Every entry of ``tar`` with its normalised name, once all of them passed the checks.
+    Headers are read one by one, so a bomb is refused before it is inflated past the caps."""
+    members: list[tuple[tarfile.TarInfo, str]] = []
+    total = 0
+    for member in tar:
+        if len(members) >= MAX_ARCHIVE_MEMBERS:
+            raise BundleError(f"model archive {label} has more than {MAX_ARCHIVE_MEMBERS} entries; "
+                              "a model bundle has a handful")
+        name = _member_name(member, label)
+        total += member.size
+        if total > MAX_UNPACKED_BYTES:
+            raise BundleError(f"model archive {label} unpacks to more than {MAX_UNPACKED_BYTES >> 20} MB; "
+                              "refusing to unpack")
+        members.append((member, name))
+    names = [n for _, n in members]
+    if BUNDLE_JSON not in names:
+        raise BundleError(f"model archive {label} holds no {BUNDLE_JSON} at its top level: not a model bundle")
+    for member, name in members:
+        limit = _member_limit(name, member.isdir())
+        if limit is None:
+            raise BundleError(f"model archive {label} holds {_shown(name)}, which is not part of a model bundle "
+                              f"({BUNDLE_JSON}, {MODEL_FILE}, {OOD_FILE}, {REPORT_DIR}/<file>)")
+        if member.size > limit:
+            raise BundleError(f"model archive {label}: {_shown(name)} is {member.size:,} bytes, over its limit "
+                              f"of {limit:,}")
+        if names.count(name) > 1 and not member.isdir():
+            raise BundleError(f"model archive {label} holds {_shown(name)} more than once")
+    return members
+
+
+def _member_name(member: tarfile.TarInfo, label: str) -> str:
+    """The entry's name relative to the archive root ("" for the root itself); raises for an
+    entry that is not a regular file or folder, or whose name leaves the folder."""
+    shown = _shown(member.name)
+    if member.issym() or member.islnk():
+        raise BundleError(f"model archive {label}: {shown} is a link; a model bundle holds only regular files "
+                          "and folders")
+    if not (member.isfile() or member.isdir()) or member.issparse():
+        raise BundleError(f"model archive {label}: {shown} is not a regular file or folder (a device, FIFO or "
+                          "sparse file); refusing to unpack")
+    name = member.name
+    while name.startswith("./"):
+        name = name[2:]
+    name = name.rstrip("/")
+    if name == ".":
+        name = ""
+    parts = name.split("/")
+    if member.name.startswith("/") or "\\" in name or (name and any(p in ("", ".", "..") for p in parts)):
+        raise BundleError(f"model archive {label}: {shown} is not a plain path inside the archive; refusing to unpack")
+    return name
+
+
+def _member_limit(name: str, is_dir: bool) -> int | None:
+    """The byte cap of a bundle member, 0 for its folders, None for a name a bundle never has."""
+    if is_dir:
+        return 0 if name in ("", REPORT_DIR) else None
+    if name in MEMBER_MAX_BYTES:
+        return MEMBER_MAX_BYTES[name]
+    folder, _, file = name.partition("/")
+    if folder == REPORT_DIR and _REPORT_FILE_NAME.match(file):
+        return REPORT_FILE_MAX_BYTES
+    return None
+
+
+def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, name: str, label: str) -> None:
+    if not name:  # the archive's root: dest itself
+        return
+    target = dest / name
+    if target.is_symlink() or target.parent.is_symlink():
+        raise BundleError(f"cannot unpack model archive {label}: {target} is a symbolic link")
+    if member.isdir():
+        target.mkdir(mode=0o755, parents=True, exist_ok=True)
+        return
+    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    src = tar.extractfile(member)
+    assert src is not None  # a regular file
+    # O_NOFOLLOW: a link planted at the target by anyone else is refused, never written through.
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(src, out, 1 << 20)
+
+
+def _shown(name: str) -> str:
+    """A member name as quoted in an error: printable, at most 80 characters."""
+    clean = "".join(ch if ch.isprintable() else "?" for ch in name)
+    return repr(clean if len(clean) <= 80 else clean[:77] + "...")
 
 
 def read_bundle(path: str | os.PathLike, unpack_to: str | os.PathLike | None = None) -> Bundle:
@@ -269,9 +376,6 @@ def read_bundle(path: str | os.PathLike, unpack_to: str | os.PathLike | None = N
     if p.is_file():
         dest = Path(unpack_to) if unpack_to else Path(tempfile.mkdtemp(prefix="bundle-"))
         p = unpack(p, dest)
-        if not (p / BUNDLE_JSON).is_file():
-            raise BundleError(f"model archive {Path(path).name} holds no {BUNDLE_JSON} at its top level: "
-                              "not a model bundle")
     if not (p / BUNDLE_JSON).is_file():
         raise BundleError(f"{p} holds no {BUNDLE_JSON}: not a model bundle")
     try:
