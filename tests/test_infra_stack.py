@@ -218,6 +218,35 @@ def test_batch_inference_is_a_distributed_map_over_the_s3_listing(resources):
     assert fan_out["ItemBatcher"]["MaxItemsPerBatch"] == 100 and fan_out["Next"] == "MergeParts"
 
 
+def literal_json_paths(node, where="") -> list[str]:
+    """Every place in a definition where a JSONPath is the value of a key without the ``.$`` suffix:
+    Step Functions passes such a value on as the literal string, not the value it names."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            here = f"{where}.{key}"
+            path_key = key.endswith((".$", "Path", "Variable"))  # ResultPath, InputPath, Choice Variable...
+            if isinstance(value, str) and not path_key and (value == "$" or value.startswith(("$.", "$$.", "$["))):
+                found.append(here)
+            found += literal_json_paths(value, here)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += literal_json_paths(value, f"{where}[{i}]")
+    return found
+
+
+def test_no_definition_passes_a_json_path_on_as_a_literal_string(resources):
+    machines = of_type(resources, "AWS::StepFunctions::StateMachine")
+    assert len(machines) >= 2
+    for logical, machine in machines.items():
+        states = json.loads(flatten(machine["Properties"]["DefinitionString"]))
+        assert literal_json_paths(states) == [], logical
+    batch = machine_definition(resources, "BatchInferenceStateMachine")
+    batch_input = batch["States"][batch["StartAt"]]["ItemBatcher"]["BatchInput"]
+    assert {k: v for k, v in batch_input.items() if k != "bucket"} == {
+        "model_uri.$": "$.model_uri", "sha256.$": "$.sha256", "work_uri.$": "$.work_uri"}
+
+
 def test_training_step_is_a_sync_sagemaker_job(definition):
     train = definition["States"]["TrainModel"]
     assert train["Resource"].endswith(":states:::sagemaker:createTrainingJob.sync")

@@ -69,11 +69,13 @@ class BatchInference(Construct):
             self, "ScoreEveryImage",
             comment="one item per S3 object under the input prefix, in batches",
             item_reader=sfn.S3ObjectsItemReader(bucket=data, prefix=sfn.JsonPath.string_at("$.input_prefix")),
+            # ItemBatcher renders batch_input as written (JsonPath tokens are not given the ".$" suffix
+            # there), so the path keys carry it themselves: without it every batch got "$.model_uri".
             item_batcher=sfn.ItemBatcher(max_items_per_batch=ITEMS_PER_BATCH, batch_input={
                 "bucket": data.bucket_name,
-                "model_uri": sfn.JsonPath.string_at("$.model_uri"),
-                "sha256": sfn.JsonPath.string_at("$.sha256"),
-                "work_uri": sfn.JsonPath.string_at("$.work_uri"),
+                "model_uri.$": "$.model_uri",
+                "sha256.$": "$.sha256",
+                "work_uri.$": "$.work_uri",
             }),
             max_concurrency=MAX_CONCURRENCY,
             tolerated_failure_percentage=0,
