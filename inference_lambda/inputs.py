@@ -104,7 +104,7 @@ def extract_image(body: str | None, is_base64: bool, content_type: str | None) -
 def _from_json(raw: bytes) -> ImagePayload:
     try:
         doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # bad JSON or UTF-8, an integer past Python's digit limit, deep nesting
         raise BadRequest(f"the body is not valid JSON; send {{\"{JSON_FIELD}\": \"<base64 of the image>\"}}",
                          code="invalid_json") from None
     value = doc.get(JSON_FIELD) if isinstance(doc, dict) else None

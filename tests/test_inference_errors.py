@@ -120,6 +120,7 @@ def test_invalid_base64(inference_app):
     ('{"image_base64": null}', "missing_image_base64"),
     ('{"image_base64": ""}', "empty_image"),
     ("[" * 100_000, "invalid_json"),
+    ('{"image_base64": "aGk=", "n": ' + "9" * 5_000 + "}", "invalid_json"),  # past int's digit limit
 ])
 def test_bad_json(inference_app, body, code):
     expect(call(inference_app, api_event(body=body, content_type="application/json")), 400, code)
